@@ -1,0 +1,242 @@
+"""fsdp_utils.py — distributed plumbing only: no algorithm code lives here.
+
+One code path for one process and for `torchrun`: every helper is a no-op (or the obvious local
+operation) when the process group is not initialized, so `python x.py` and
+`torchrun --nproc_per_node 8 x.py` run the same lines.
+  1. setup(): init from the torchrun environment (nccl on CUDA, gloo on CPU), pick the device.
+  2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
+     fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
+  3. full_state_dict / save_hf: gather a full state dict on rank 0 (a collective: every rank calls it)
+     and write an HF folder (safetensors) atomically: temp folder, then rename.
+  4. all_reduce_sum / reduce_metrics / print0 / seed_everything.
+  5. gathered(model): keep parameters gathered for a whole rollout (FSDP2 otherwise re-gathers every
+     block for every generated token), in eval() mode so the KV cache is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def setup(device: str = "auto") -> torch.device:
+    """Initialise the process group if launched by torchrun (RANK in the environment) and return
+    this rank's device. device='auto' picks cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def cleanup():
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs):
+    if rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int, per_rank: bool = True) -> int:
+    """Seed python and torch; per_rank offsets the seed by the rank (different samples per rank,
+    same initial weights must then come from rank 0 or from a seed set before this call)."""
+    s = seed + (rank() if per_rank else 0)
+    random.seed(s)
+    torch.manual_seed(s)
+    return s
+
+
+def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformer blocks of any HF decoder, found by the class names it declares as
+    `_no_split_modules` (LlamaDecoderLayer, Qwen2DecoderLayer, GPT2Block, ...)."""
+    names = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None) -> torch.nn.Module:
+    """Move to device; under torchrun apply FSDP2: fully_shard(block) for each decoder block, then
+    fully_shard(root). mixed_precision (default: on for CUDA) computes in bf16 and reduces
+    gradients in fp32; the sharded master weights stay fp32."""
+    model.to(device)
+    if not is_dist():
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    mesh = init_device_mesh(device.type, (world(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    for block in decoder_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def fsdp_modules(model: torch.nn.Module) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(model: torch.nn.Module):
+    """FSDP2 keeps the root's parameters gathered after a forward; free them after forward-only
+    use of a frozen model."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """For a rollout: eval() mode (KV cache on, dropout off) and, under FSDP2, parameters gathered
+    once and kept for every generated token; resharded and train mode restored on exit."""
+    was_training, mods = model.training, fsdp_modules(model)
+    model.eval()
+    for m in mods:
+        m.set_reshard_after_forward(False)
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True)
+            m.reshard()
+        model.train(was_training)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict:
+    """Full, unsharded fp32 CPU state dict on rank 0 ({} on other ranks). A collective under FSDP."""
+    if not fsdp_modules(model):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state_dict: dict):
+    """Load a full state dict (held by rank 0) into a possibly sharded model: rank 0 broadcasts."""
+    if not fsdp_modules(model):
+        model.load_state_dict(state_dict)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temp folder on rank 0 that replaces `path` only once everything is written, so a run
+    killed mid-save never leaves a half-written checkpoint. Other ranks get None."""
+    if rank() != 0:
+        yield None
+        return
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    old = path.rstrip("/") + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None):
+    """Write an HF-format folder (config, safetensors weights, tokenizer) from rank 0, atomically.
+    `model` is the HF PreTrainedModel (possibly FSDP-sharded); every rank must call this.
+    extra maps file names in the folder to state dicts (saved as safetensors) or dicts (as JSON)."""
+    import json
+
+    from safetensors.torch import save_file
+    sd = full_state_dict(model) if state_dict is None else state_dict
+    with atomic_dir(path) as tmp:
+        if tmp is not None:
+            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, obj in (extra or {}).items():
+                if name.endswith(".safetensors"):
+                    save_file({k: v.contiguous() for k, v in obj.items()}, os.path.join(tmp, name))
+                else:
+                    with open(os.path.join(tmp, name), "w") as f:
+                        json.dump(obj, f, indent=2)
+    barrier()
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place SUM across ranks (identity on one process); returns t."""
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def reduce_metrics(metrics: dict, device) -> dict:
+    """Mean of scalar metrics over ranks (one all-reduce for the whole dict)."""
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    all_reduce_sum(t)
+    return {k: v / world() for k, v in zip(keys, t.tolist())}
+
+
+def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:
+    """clip_grad_norm_ over all parameters; under FSDP2 the norm is a DTensor, made a float here."""
+    norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes: CUDA max allocated on GPU, process peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def parse_config(cls, argv=None):
+    """Parse a flat @dataclass Config from the command line (--field value)."""
+    from transformers import HfArgumentParser
+    return HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)[0]
+
+
+def write_json(path: str, obj: dict):
+    """Rank 0 writes a JSON file (config.json, summary.json)."""
+    import json
+    if rank() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+
+
+def append_jsonl(path: str, row: dict):
+    """Rank 0 appends one line to metrics.jsonl."""
+    import json
+    if rank() == 0:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -1,0 +1,199 @@
+"""sft.py — supervised fine-tuning: the starting policy of the pipeline SFT -> GVM -> DVPO.
+
+  1. Data: (prompt x, response y) pairs; z = x ⊕ y with y ending in EOS.
+  2. Loss: next-token NLL on response tokens only,  L = -(1/N) Σ_b Σ_t log π(y_t | x, y_<t),
+     N = number of response tokens in the global batch (all ranks), so the loss is a token mean
+     that does not depend on how the batch is split over processes.
+  3. AdamW, linear warmup then cosine decay, grad-norm clipping.
+  4. On the built-in task: held-out gold reward of samples at temperature 1 (and greedy).
+
+Launch:
+  python sft.py                                                  # built-in task -> out/sft (~1-2 min CPU)
+  python sft.py --model Qwen/Qwen2.5-0.5B --data sft.jsonl --out_dir out/sft_qwen
+  torchrun --nproc_per_node 8 sft.py --model <path> --data sft.jsonl
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import fsdp_utils as fu
+
+
+@dataclass
+class Config:
+    model: str = ""  # hub id or local path; empty = the built-in tiny Llama
+    data: str = ""  # SFT JSONL/JSON file ({prompt, response} or {messages}); empty = built-in demos
+    out_dir: str = "out/sft"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 64  # sequences per step, global (split over ranks)
+    lr: float = 3e-3  # peak learning rate (use ~1e-5 for real models)
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_prompt_len: int = 512  # prompts longer than this are cut from the left
+    max_response_len: int = 512  # responses longer than this are cut from the right
+    n_train: int = 20000  # built-in task: number of demonstrations
+    eval_prompts: int = 512  # built-in task: held-out prompts for the gold-reward evaluation
+    eval_size: int = 64  # real data: examples held out for eval NLL
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
+    log_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.Tensor:
+    """Sum of response-token NLL divided by the global token count n_tokens.
+    logp, mask: (B, T). Under FSDP gradients are averaged over ranks, so each rank scales its
+    sum by world / n_tokens to make the result a global token mean."""
+    return -(logp * mask).sum() * fu.world() / n_tokens
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 10% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def load_policy(path: str, device, seed: int = 0):
+    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if not path:
+        tok = data.build_char_tokenizer()
+        return data.build_tiny_model(tok, seed=seed), tok
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok  # fp32 master weights
+
+
+def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
+    """Held-out gold reward, sampled at temperature 1 (mean, stderr) and greedy. Each rank scores
+    its own shard of the prompts; the means are combined over ranks."""
+    prompts = data.shard(data.builtin_prompts(n_prompts, "eval", seed=0), fu.rank(), fu.world())
+    gen = torch.Generator(device=device).manual_seed(seed + fu.rank())
+    out = {}
+    with fu.gathered(model):
+        for name, temp in (("gold_reward", 1.0), ("gold_reward_greedy", 0.0)):
+            ys = data.sample_texts(model, tok, prompts, 16, temp, 1.0, 256, gen, device)
+            r = [data.gold_reward(p, y) for p, y in zip(prompts, ys)]
+            s = fu.all_reduce_sum(torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64))
+            m = (s[0] / s[2]).item()
+            out[f"eval/{name}"] = m
+            if temp > 0:
+                out[f"eval/{name}_stderr"] = math.sqrt(max(s[1].item() / s[2].item() - m * m, 0) / (s[2].item() - 1))
+    return out
+
+
+def main(cfg: Config):
+    device = fu.setup(cfg.device)
+    fu.seed_everything(cfg.seed, per_rank=False)  # same initial weights on every rank
+    model, tok = load_policy(cfg.model, device, cfg.seed)
+    builtin = not cfg.data
+
+    # data: tokenize with exact prompt/response boundaries, report truncation and skipped records
+    if builtin:
+        rows, eval_rows = data.builtin_sft_data(cfg.n_train, cfg.seed), []
+    else:
+        rows, stats = data.load_records(cfg.data, "sft", cfg.skip_bad)
+        fu.print0(stats.summary())
+        random.Random(cfg.seed).shuffle(rows)
+        eval_rows, rows = rows[:cfg.eval_size], rows[cfg.eval_size:]
+    trunc = data.TruncationStats()
+    encode = lambda r: (data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc),
+                        data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
+    train, held = [encode(r) for r in rows], [encode(r) for r in eval_rows]
+    fu.print0(f"{len(train)} training examples, {len(held)} held out; {trunc.summary()}")
+
+    model = fu.shard(model, device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    fu.write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if fu.rank() == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if builtin:
+        before = evaluate_builtin(model, tok, cfg.eval_prompts, device, cfg.seed)
+        fu.print0(f"untrained model: held-out gold reward {before['eval/gold_reward']:.3f} "
+                  f"± {before['eval/gold_reward_stderr']:.3f} (greedy {before['eval/gold_reward_greedy']:.3f})")
+
+    fu.seed_everything(cfg.seed)
+    order_rng, t0 = random.Random(cfg.seed), time.time()
+    order, cursor = [], 0
+    per_rank = cfg.batch_size // fu.world()
+    bar = tqdm(range(cfg.steps), desc="sft", disable=fu.rank() != 0)
+    for step in bar:
+        if cursor + cfg.batch_size > len(order):  # new epoch: same shuffle on every rank
+            order, cursor = list(range(len(train))), 0
+            order_rng.shuffle(order)
+        idx = order[cursor:cursor + cfg.batch_size][fu.rank()::fu.world()][:per_rank]
+        cursor += cfg.batch_size
+        batch = data.collate_right([train[i][0] for i in idx], [train[i][1] for i in idx], tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        T = int(batch["response_len"].max())
+        mask = data.response_mask(batch["response_len"], T)
+        n_tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global response-token count
+        logp, _ = data.response_logprobs(model, batch, T)
+        loss = sft_loss(logp, mask, n_tokens)
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
+        opt.step()
+
+        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+            m = fu.reduce_metrics({"train/loss": loss.item() / fu.world()}, device)
+            m["train/loss"] *= fu.world()  # loss is a per-rank share of the global mean: sum, don't average
+            m.update({"step": step, "train/grad_norm": gnorm, "train/lr": opt.param_groups[0]["lr"],
+                      "time/seconds": time.time() - t0})
+            fu.append_jsonl(metrics_path, m)
+            bar.set_postfix(loss=f"{m['train/loss']:.3f}")
+
+    summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0}
+    if builtin:
+        summary.update(evaluate_builtin(model, tok, cfg.eval_prompts, device, cfg.seed))
+        summary.update({f"{k}_untrained": v for k, v in before.items()})
+    elif held:
+        summary["eval/nll"] = eval_nll(model, held, tok.pad_token_id, device)
+    fu.save_hf(model, tok, cfg.out_dir)
+    fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    fu.print0(f"saved to {cfg.out_dir}")
+    fu.cleanup()
+    return summary
+
+
+@torch.no_grad()
+def eval_nll(model, examples, pad_id: int, device, batch_size: int = 16) -> float:
+    """Response-token mean NLL over held-out examples (each rank its shard, summed over ranks)."""
+    model.eval()
+    tot = torch.zeros(2, dtype=torch.float64, device=device)
+    mine = data.shard(examples, fu.rank(), fu.world())
+    n_batches = math.ceil(math.ceil(len(examples) / fu.world()) / batch_size)  # same on every rank
+    for j in range(n_batches):
+        chunk = mine[j * batch_size:(j + 1) * batch_size]
+        weight = 1.0 if chunk else 0.0  # a rank with nothing left still joins the FSDP collectives
+        batch = {k: v.to(device) for k, v in data.collate_right(*zip(*(chunk or examples[:1])), pad_id).items()}
+        T = int(batch["response_len"].max())
+        mask = data.response_mask(batch["response_len"], T)
+        logp, _ = data.response_logprobs(model, batch, T)
+        tot += weight * torch.stack([-(logp * mask).sum().double(), mask.sum().double()])
+    model.train()
+    fu.all_reduce_sum(tot)
+    return (tot[0] / tot[1]).item()
+
+
+if __name__ == "__main__":
+    main(fu.parse_config(Config))
