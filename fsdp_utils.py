@@ -7,7 +7,7 @@ operation) when the process group is not initialized, so `python x.py` and
   2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
      fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
   3. full_state_dict / save_hf: gather a full state dict on rank 0 (a collective: every rank calls it)
-     and write an HF folder (safetensors) atomically: temp folder, then rename.
+     and write an HF folder (safetensors) through a temp folder, then rename(s).
   4. all_reduce_sum / reduce_metrics / print0 / seed_everything.
   5. gathered(model): keep parameters gathered for a whole rollout (FSDP2 otherwise re-gathers every
      block for every generated token), in eval() mode so the KV cache is used.
@@ -38,6 +38,9 @@ def world() -> int:
 def setup(device: str = "auto") -> torch.device:
     """Initialise the process group if launched by torchrun (RANK in the environment) and return
     this rank's device. device='auto' picks cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()  # no load reports for the dropped lm_head etc.
+    transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are the progress
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -145,9 +148,11 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict):
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str):
-    """Yield a temp folder on rank 0 that replaces `path` only once everything is written, so a run
-    killed mid-save never leaves a half-written checkpoint. Other ranks get None."""
+def staged_dir(path: str, replace_dir: bool):
+    """Yield a temp folder on rank 0 (None elsewhere); once everything is written, either swap it in
+    for `path` as a whole (replace_dir=True: a checkpoint folder, so a run killed mid-save never
+    leaves a half-written one) or move its files into `path` one by one (each os.replace is atomic;
+    other files there, like metrics.jsonl, are kept)."""
     if rank() != 0:
         yield None
         return
@@ -155,22 +160,29 @@ def atomic_dir(path: str):
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
-    old = path.rstrip("/") + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    if replace_dir:
+        old = path.rstrip("/") + ".old"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.makedirs(path, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(path, name))
+        os.rmdir(tmp)
 
 
-def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None):
-    """Write an HF-format folder (config, safetensors weights, tokenizer) from rank 0, atomically.
+def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None,
+            replace_dir: bool = False):
+    """Write an HF-format folder (config.json, safetensors weights, tokenizer) from rank 0.
     `model` is the HF PreTrainedModel (possibly FSDP-sharded); every rank must call this.
     extra maps file names in the folder to state dicts (saved as safetensors) or dicts (as JSON)."""
     import json
 
     from safetensors.torch import save_file
     sd = full_state_dict(model) if state_dict is None else state_dict
-    with atomic_dir(path) as tmp:
+    with staged_dir(path, replace_dir) as tmp:
         if tmp is not None:
             model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             if tokenizer is not None:
@@ -178,6 +190,8 @@ def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: 
             for name, obj in (extra or {}).items():
                 if name.endswith(".safetensors"):
                     save_file({k: v.contiguous() for k, v in obj.items()}, os.path.join(tmp, name))
+                elif name.endswith(".pt"):
+                    torch.save(obj, os.path.join(tmp, name))
                 else:
                     with open(os.path.join(tmp, name), "w") as f:
                         json.dump(obj, f, indent=2)
@@ -225,7 +239,7 @@ def parse_config(cls, argv=None):
 
 
 def write_json(path: str, obj: dict):
-    """Rank 0 writes a JSON file (config.json, summary.json)."""
+    """Rank 0 writes a JSON file (train_config.json, summary.json)."""
     import json
     if rank() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -240,3 +254,25 @@ def append_jsonl(path: str, row: dict):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def broadcast_object(obj):
+    """Rank 0's python object on every rank (e.g. data generated once on rank 0)."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Full optimizer state on rank 0 (a collective under FSDP), keyed by parameter names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state_dict: dict):
+    """Inverse of full_optim_state_dict: rank 0's full state is broadcast and sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state_dict,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_dist()))

@@ -1,5 +1,436 @@
-"""gvm.py — not implemented yet (see the open issues)."""
+"""gvm.py — the Global Value Model (GVM): a causal-LM backbone + a linear value head, trained
+offline with TD(λ) on preference data, then frozen for DVPO (paper §3.2, Eq. 1; DESIGN.md §1, §2, §5).
+
+  1. u_i = head(h_i): one scalar per position; the value chain of a response is w_k = u_{P-1+k},
+     k = 0..T (w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y)).
+  2. Terminal reward R: +1 for a chosen response, -1 for a rejected one (or a given score).
+  3. λ-return targets from the same network without gradient:
+         G_T = R,   G_k = γ·((1-λ)·w_{k+1} + λ·G_{k+1})   (λ = 0: Eq. 1's TD(0); λ = 1: Monte Carlo)
+  4. Loss: ½ · mean over valid chain entries of the global batch of (w_k - G_k)².
+  5. τ conditioning (--tau_k K): the input is [τ] ⊕ x ⊕ y, τ = K (prompt, response) pairs of the same
+     policy on other prompts; τ positions are never in the chain, so never in a loss or statistic.
+  6. Evaluation (paper Table 4): held-out pairwise accuracy of w_T(chosen) > w_T(rejected), and of
+     the chain's mean and P1..P99 percentiles; on the built-in task also the gold reward's own
+     accuracy on the same noisy labels (the ceiling).
+
+Launch:
+  python gvm.py                                  # built-in task: pairs sampled from out/sft -> out/gvm
+  python gvm.py --data prefs.jsonl --init <sft path> --out_dir out/gvm_real
+  torchrun --nproc_per_node 8 gvm.py --data prefs.jsonl --init <sft path>
+  python gvm.py --explain --gvm out/gvm --prompt "52817:" --response "12578"
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
 import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import data
+import fsdp_utils as fu
+
+
+@dataclass
+class Config:
+    init: str = "out/sft"  # backbone initialization: the SFT policy (hub id or path)
+    data: str = ""  # preference or scored JSONL/JSON file; empty = built-in task sampled from --init
+    data_kind: str = "preference"  # preference ({prompt, chosen, rejected} ...) or scored ({prompt, response, score})
+    eval_data: str = ""  # held-out file of the same kind; empty = split eval_frac off --data
+    eval_frac: float = 0.05
+    normalize_scores: bool = True  # scored data: R = (score - mean) / std over the training set
+    out_dir: str = "out/gvm"
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # TD(λ) mixing; 0 = TD(0) as in Eq. (1), 1 = Monte Carlo
+    tau_k: int = 0  # number of same-policy trajectories τ in the context (0 = no conditioning)
+    tau_prompt_len: int = 64  # each τ prompt is cut to this many tokens (from the left)
+    tau_response_len: int = 64  # each τ response is cut to this many tokens (from the right)
+    epochs: int = 2
+    batch_size: int = 64  # pairs (or scored rows) per optimizer step, global
+    lr: float = 1e-3  # use ~2e-6 (paper App. A) for real models
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    max_prompt_len: int = 512
+    max_response_len: int = 512
+    skip_bad: bool = False  # skip (and count) malformed records instead of stopping
+    # built-in task: pairs sampled from --init at these temperatures, one `policy` per temperature
+    builtin_prompts: int = 8000  # train prompts per sampler (each gives one pair)
+    builtin_eval_prompts: int = 1000  # held-out prompts per sampler
+    builtin_temperatures: str = "1.0,1.5"
+    bt_temperature: float = 0.1  # Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / t)
+    # explain mode
+    explain: bool = False  # print per-token values of one response instead of training
+    gvm: str = "out/gvm"  # explain: the trained GVM folder
+    prompt: str = ""
+    response: str = ""
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: backbone + zero-initialised linear value head
+
+class GVM(nn.Module):
+    """Causal-LM backbone (AutoModel, no LM head) + nn.Linear(H, 1). forward -> u: (B, L)."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # starts at 0 everywhere: no prior on the values
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=data.position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+
+
+def load_gvm(path: str, device, dtype=torch.float32):
+    """(gvm, tokenizer, gvm_config) from a folder written by save_gvm. Frozen callers should call
+    .requires_grad_(False).eval() and shard it like the policy."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+    for name in ("config.json", "value_head.safetensors", "gvm_config.json"):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path}: not a GVM folder (missing {name}); train one with `python gvm.py`")
+    model = GVM(AutoModel.from_pretrained(path, dtype=dtype))
+    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    model.to(dtype)
+    with open(os.path.join(path, "gvm_config.json")) as f:
+        gcfg = json.load(f)
+    return model.to(device), AutoTokenizer.from_pretrained(path), gcfg
+
+
+def save_gvm(model: GVM, tokenizer, path: str, gvm_config: dict):
+    """Backbone in HF format (safetensors) + value_head.safetensors + gvm_config.json + tokenizer.
+    A collective under FSDP: every rank calls it, rank 0 writes."""
+    sd = fu.full_state_dict(model)
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
+    fu.save_hf(model.backbone, tokenizer, path, state_dict=backbone,
+               extra={"value_head.safetensors": head, "gvm_config.json": gvm_config})
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure functions: value chain, λ-returns, loss, τ prefix
+
+def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
+    """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
+    (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain."""
+    T = int(response_len.max())
+    return data.gather_response(u, prompt_len - 1, T + 1), data.response_mask(response_len + 1, T + 1)
+
+
+def td_lambda_targets(w: torch.Tensor, R: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
+    """λ-returns over the value chain (DESIGN.md §2; paper Eq. 1 is λ = 0).
+    w: (B, K) chain values (no grad), R: (B,) terminal reward, mask: (B, K) valid entries, each
+    row valid on a prefix 0..T_b. Returns G (B, K), zero where mask == 0:
+        G_{T_b} = R_b,   G_k = γ((1-λ) w_{k+1} + λ G_{k+1})  for k < T_b."""
+    B, K = w.shape
+    last = mask.sum(1).long() - 1  # (B,) index T_b of the terminal entry
+    G = torch.zeros_like(w)
+    nxt = torch.zeros(B, dtype=w.dtype, device=w.device)  # G_{k+1}
+    for k in reversed(range(K)):  # vectorized over rows, a loop over time
+        w_next = w[:, k + 1] if k + 1 < K else torch.zeros_like(nxt)
+        boot = gamma * ((1 - lam) * w_next + lam * nxt)
+        G[:, k] = torch.where(k == last, R.to(w.dtype), boot) * mask[:, k]
+        nxt = G[:, k]
+    return G
+
+
+def gvm_loss(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, n_valid: float) -> torch.Tensor:
+    """½ Σ mask·(w - G)² / n_valid: with n_valid the valid-entry count of the global batch, this is
+    the global token mean. (Under FSDP gradients are averaged over ranks: scale by world size.)"""
+    return 0.5 * (mask * (w - G) ** 2).sum() / n_valid
+
+
+def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, response_len: int) -> list[int]:
+    """The τ prefix (DESIGN.md §5): K (prompt ids, response ids) pairs, each prompt cut from the left
+    to prompt_len tokens and each response from the right to response_len, concatenated in
+    order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
+    out = []
+    for p, r in examples:
+        out += p[-prompt_len:] + r[:response_len]
+    return out
+
+
+def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of pairs with a > b; ties count one half."""
+    return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: sequences with terminal rewards (and τ), batches
+
+def build_builtin_pairs(cfg: Config, model, tok, device):
+    """Built-in task: one pair per prompt from each sampler (SFT policy at each temperature),
+    gold-labelled with Bradley-Terry noise. Generated on rank 0, broadcast to the others."""
+    rows = {"train": [], "eval": []}
+    if fu.rank() == 0:
+        for i, temp in enumerate(float(t) for t in cfg.builtin_temperatures.split(",")):
+            for split, n in (("train", cfg.builtin_prompts), ("eval", cfg.builtin_eval_prompts)):
+                prompts = data.builtin_prompts(n, split, seed=cfg.seed + 100 * i)
+                r, dropped = data.builtin_pairs(model, tok, prompts, temp, f"sft@T={temp}", cfg.bt_temperature,
+                                                seed=cfg.seed + 1000 * i + (split == "eval"), device=device)
+                print(f"built-in pairs: sampler sft@T={temp} {split}: {len(r)} pairs "
+                      f"({dropped} prompts gave two identical responses: no preference, dropped)")
+                rows[split] += r
+    return fu.broadcast_object(rows)
+
+
+def encode_rows(rows: list[dict], kind: str, tok, cfg: Config, trunc: data.TruncationStats) -> list[dict]:
+    """Rows -> token ids. Preference: {prompt, chosen, rejected, policy} (R = +1 / -1);
+    scored: {prompt, response, score, policy}."""
+    out = []
+    for r in rows:
+        e = {"prompt": data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc), "policy": r.get("policy")}
+        keys = ("chosen", "rejected") if kind == "preference" else ("response",)
+        for k in keys:
+            e[k] = data.encode_response(tok, r[k], cfg.max_response_len, trunc)
+        if kind == "scored":
+            e["score"] = r["score"]
+        out.append(e)
+    return out
+
+
+def tau_pools(examples: list[dict], kind: str) -> dict:
+    """policy -> list of (example index, prompt ids, response ids), τ candidates per policy. Both
+    responses of a pair are candidates: τ is never chosen by label."""
+    pools = {}
+    for i, e in enumerate(examples):
+        for k in (("chosen", "rejected") if kind == "preference" else ("response",)):
+            pools.setdefault(e["policy"], []).append((i, e["prompt"], e[k]))
+    return pools
+
+
+def draw_tau(i: int, e: dict, pools: dict, K: int, rng: random.Random, cfg: Config) -> list[int]:
+    """τ prefix for example i: K trajectories of the same policy from other prompts."""
+    if K == 0:
+        return []
+    pool = pools[e["policy"]]
+    picks = []
+    while len(picks) < K:  # rejection sampling: other examples with a different prompt
+        j, p, r = pool[rng.randrange(len(pool))]
+        if j != i and p != e["prompt"]:
+            picks.append((p, r))
+    return tau_prefix(picks, cfg.tau_prompt_len, cfg.tau_response_len)
+
+
+def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg: Config, rng, pad_id: int, R_of):
+    """Sequences [τ] ⊕ x ⊕ y for examples idx (two per pair: chosen then rejected), with terminal
+    rewards R (B,). The same τ is used for both responses of a pair."""
+    prompts, responses, R = [], [], []
+    for i in idx:
+        e = examples[i]
+        tau = draw_tau(i, e, pools, cfg.tau_k, rng, cfg)
+        keys = ("chosen", "rejected") if kind == "preference" else ("response",)
+        for k in keys:
+            prompts.append(tau + e["prompt"])
+            responses.append(e[k])
+            R.append(R_of(e, k))
+    batch = data.collate_right(prompts, responses, pad_id)
+    batch["R"] = torch.tensor(R, dtype=torch.float32)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, batch_size: int = 128) -> dict:
+    """Held-out TD loss and (preference data) pairwise accuracy with w_T, the chain mean and chain
+    percentiles. Replicated on every rank (held-out sets are small), so no collective is skipped."""
+    model.eval()
+    rng = random.Random(cfg.seed + 7)  # fixed τ draws: the same evaluation every time
+    finals, means, pcts, td = [], [], {q: [] for q in (1, 5, 10, 90, 95, 99)}, [0.0, 0.0]
+    for s in range(0, len(examples), batch_size):
+        batch = make_batch(examples, list(range(s, min(s + batch_size, len(examples)))), kind, pools, cfg, rng, pad_id, R_of)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        u = model(batch["input_ids"], batch["attention_mask"]).float()
+        w, mask = value_chain(u, batch["prompt_len"], batch["response_len"])
+        G = td_lambda_targets(w, batch["R"], mask, cfg.gamma, cfg.lam)
+        td[0] += 0.5 * (mask * (w - G) ** 2).sum().item()
+        td[1] += mask.sum().item()
+        last = mask.sum(1).long() - 1
+        finals.append(w.gather(1, last[:, None]).squeeze(1).cpu())
+        means.append(((w * mask).sum(1) / mask.sum(1)).cpu())
+        for q in pcts:
+            pcts[q].append(torch.stack([torch.quantile(w[b, :last[b] + 1], q / 100) for b in range(len(w))]).cpu())
+    model.train()
+    out = {"eval/td_loss": td[0] / td[1]}
+    if kind == "preference":  # rows alternate chosen, rejected
+        table = {"final": torch.cat(finals), "mean": torch.cat(means)}
+        table.update({f"P{q}": torch.cat(v) for q, v in pcts.items()})
+        acc = {name: pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
+        out["eval/pairwise_accuracy"] = acc["final"]
+        out["eval/pairwise_accuracy_table"] = acc
+        out["eval/value_chosen_mean"] = table["final"][0::2].mean().item()
+        out["eval/value_rejected_mean"] = table["final"][1::2].mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Explain: per-token values (paper Figure 4)
+
+def explain(cfg: Config):
+    device = fu.setup(cfg.device)
+    model, tok, gcfg = load_gvm(cfg.gvm, device)
+    if gcfg.get("tau_k", 0):
+        print(f"note: this GVM was trained with tau_k={gcfg['tau_k']}; explaining without τ context")
+    p, r = data.encode_prompt(tok, cfg.prompt), data.encode_response(tok, cfg.response)
+    batch = {k: v.to(device) for k, v in data.collate_right([p], [r], tok.pad_token_id).items()}
+    with torch.inference_mode():
+        w, _ = value_chain(model.eval()(batch["input_ids"], batch["attention_mask"]).float(),
+                           batch["prompt_len"], batch["response_len"])
+    w = w[0].tolist()
+    print(f"prompt {cfg.prompt!r}: w_0 = V(prompt) = {w[0]:+.3f}")
+    print(f"{'t':>3}  {'token':<12} {'w_t':>8} {'w_t - w_t-1':>12}")
+    for t, tid in enumerate(r, 1):
+        bar = "+" * round(max(w[t] - w[t - 1], 0) * 20) or "-" * round(max(w[t - 1] - w[t], 0) * 20)
+        print(f"{t:>3}  {tok.convert_ids_to_tokens(tid)!r:<12} {w[t]:>+8.3f} {w[t] - w[t - 1]:>+12.3f}  {bar}")
+    print(f"terminal value w_T = {w[-1]:+.3f} (the GVM's estimate of the response's reward)")
+    if not cfg.prompt.endswith(":") or not cfg.prompt[:-1].isdigit():
+        return
+    print(f"gold reward (built-in task) = {data.gold_reward(cfg.prompt, cfg.response):.3f}")
+
+
+# ----------------------------------------------------------------------------------------------
+# main: the recipe
+
+def main(cfg: Config):
+    if cfg.explain:
+        return explain(cfg)
+    device = fu.setup(cfg.device)
+    fu.seed_everything(cfg.seed, per_rank=False)  # same head init and data order on every rank
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if fu.rank() == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    if not os.path.exists(cfg.init) and not cfg.data:
+        sys.exit(f"gvm.py: no SFT policy at {cfg.init!r}; run `python sft.py` first (or pass --init)")
+    tok = AutoTokenizer.from_pretrained(cfg.init)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+
+    # 1. data: preference pairs (R = ±1) or scored rows (R = score), a held-out split, τ pools
+    kind = cfg.data_kind
+    if kind not in ("preference", "scored"):
+        sys.exit(f"gvm.py: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
+    if not cfg.data:
+        kind = "preference"
+        policy = AutoModelForCausalLM.from_pretrained(cfg.init).to(device).eval()
+        rows = build_builtin_pairs(cfg, policy, tok, device)
+        train_rows, eval_rows = rows["train"], rows["eval"]
+        del policy
+    else:
+        train_rows, stats = data.load_records(cfg.data, kind, cfg.skip_bad)
+        fu.print0(stats.summary())
+        if cfg.eval_data:
+            eval_rows, stats = data.load_records(cfg.eval_data, kind, cfg.skip_bad)
+            fu.print0(stats.summary())
+        else:
+            random.Random(cfg.seed).shuffle(train_rows)
+            n_eval = max(1, int(len(train_rows) * cfg.eval_frac))
+            eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
+    if not train_rows or not eval_rows:
+        sys.exit(f"gvm.py: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)}")
+    if fu.rank() == 0:  # the exact pairs (and split) that ppo_baseline.py's reward model trains on
+        for split, rs in (("train", train_rows), ("eval", eval_rows)):
+            with open(os.path.join(cfg.out_dir, f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rs)
+    trunc = data.TruncationStats()
+    train, held = encode_rows(train_rows, kind, tok, cfg, trunc), encode_rows(eval_rows, kind, tok, cfg, trunc)
+    fu.print0(f"{len(train)} training and {len(held)} held-out {kind} rows; {trunc.summary()}")
+    score_mu, score_sd = 0.0, 1.0
+    if kind == "scored" and cfg.normalize_scores:
+        scores = torch.tensor([e["score"] for e in train], dtype=torch.float64)
+        score_mu, score_sd = scores.mean().item(), max(scores.std().item(), 1e-8) if len(scores) > 1 else 1.0
+    R_of = (lambda e, k: 1.0 if k == "chosen" else -1.0) if kind == "preference" else \
+        (lambda e, k: (e["score"] - score_mu) / score_sd)
+    pools, held_pools = tau_pools(train, kind), tau_pools(held, kind)
+    if cfg.tau_k:
+        for name, p in list(pools.items()) + list(held_pools.items()):
+            if len({tuple(x[1]) for x in p}) <= cfg.tau_k:
+                sys.exit(f"gvm.py: policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
+
+    # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
+    model = GVM(AutoModel.from_pretrained(cfg.init, dtype=torch.float32))
+    model = fu.shard(model, device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = len(train) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs
+    if total == 0:
+        sys.exit(f"gvm.py: {len(train)} training rows is fewer than one batch of {cfg.batch_size}")
+    from sft import lr_at
+    rng, t0, step = random.Random(cfg.seed), time.time(), 0
+    bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
+    for epoch in range(cfg.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)  # same order on every rank (same seed)
+        for s in range(steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::fu.world()]  # this rank's rows
+            batch = make_batch(train, idx, kind, pools, cfg, rng, tok.pad_token_id, R_of)
+            batch = {k: v.to(device) for k, v in batch.items()}
+
+            # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
+            #    same network" of DESIGN.md §2: same weights, same batch, no dropout -> same numbers)
+            u = model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
+            w, mask = value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+            G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # DVPO Eq. (1), λ-return
+            n_valid = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global count of chain entries
+            loss = gvm_loss(w, G, mask, n_valid) * fu.world()  # FSDP averages grads over ranks
+
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
+            opt.step()
+
+            if step % cfg.log_every == 0 or step == total - 1:
+                m = fu.reduce_metrics({"train/td_loss": loss.item()}, device)  # mean of rank shares × world = sum
+                m.update({"step": step, "epoch": epoch, "train/grad_norm": gnorm, "train/lr": opt.param_groups[0]["lr"],
+                          "time/seconds": time.time() - t0})
+                fu.append_jsonl(metrics_path, m)
+                bar.set_postfix(td_loss=f"{m['train/td_loss']:.4f}")
+            bar.update(1)
+            step += 1
+    bar.close()
+
+    # 4. evaluate on held-out rows; compare with the gold reward's own accuracy (built-in task)
+    ev = evaluate(model, held, kind, held_pools, cfg, tok.pad_token_id, device, R_of)
+    summary = {"train/pairs" if kind == "preference" else "train/rows": len(train),
+               "eval/pairs" if kind == "preference" else "eval/rows": len(held),
+               "train/steps": total, "train/seconds": time.time() - t0, "tau_k": cfg.tau_k, **ev}
+    if "gold_chosen" in eval_rows[0]:
+        g = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in eval_rows])
+        summary["eval/gold_pairwise_accuracy"] = pairwise_accuracy(g[:, 0], g[:, 1])
+        for pol in sorted({r["policy"] for r in eval_rows}):  # per sampler, so τ's effect is visible
+            sel = [i for i, r in enumerate(eval_rows) if r["policy"] == pol]
+            summary[f"eval/gold_pairwise_accuracy/{pol}"] = pairwise_accuracy(g[sel, 0], g[sel, 1])
+    gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
+            "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd}
+    save_gvm(model, tok, cfg.out_dir, gcfg)
+    fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
+    fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))))
+    if "eval/pairwise_accuracy_table" in summary:
+        fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +
+                  ", ".join(f"{k} {v:.3f}" for k, v in summary["eval/pairwise_accuracy_table"].items()))
+    fu.print0(f"saved to {cfg.out_dir}")
+    fu.cleanup()
+    return summary
+
 
 if __name__ == "__main__":
-    sys.exit("gvm.py: not implemented yet")
+    main(fu.parse_config(Config))

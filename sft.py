@@ -41,7 +41,7 @@ class Config:
     max_prompt_len: int = 512  # prompts longer than this are cut from the left
     max_response_len: int = 512  # responses longer than this are cut from the right
     n_train: int = 20000  # built-in task: number of demonstrations
-    eval_prompts: int = 512  # built-in task: held-out prompts for the gold-reward evaluation
+    eval_prompts: int = 1024  # built-in task: held-out prompts for the gold-reward evaluation
     eval_size: int = 64  # real data: examples held out for eval NLL
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     log_every: int = 50
@@ -118,7 +118,7 @@ def main(cfg: Config):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    fu.write_json(os.path.join(cfg.out_dir, "config.json"), asdict(cfg))
+    fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))  # config.json is the model's
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if fu.rank() == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)

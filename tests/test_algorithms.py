@@ -1,0 +1,178 @@
+"""Numeric checks of the pure algorithm functions against DESIGN.md §7 (numpy-verified vectors),
+loop-vs-vectorized references, and padding invariance."""
+import pytest
+import torch
+
+import dvpo
+import gvm
+
+T_ = torch.tensor
+
+
+def close(a, b, atol=1e-5):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=atol)
+
+
+# ---------------------------------------------------------------- λ-returns and GVM loss (§2)
+
+@pytest.mark.parametrize("lam, expected", [(0.95, [0.885437, 0.91625, 0.975, 1]), (0.0, [0.3, -0.2, 0.5, 1]),
+                                           (1.0, [1, 1, 1, 1])])
+def test_td_lambda_targets_design_vectors(lam, expected):
+    w = T_([[0.1, 0.3, -0.2, 0.5]])
+    G = gvm.td_lambda_targets(w, T_([1.0]), torch.ones(1, 4), gamma=1.0, lam=lam)
+    assert close(G[0], expected)
+
+
+def test_td_lambda_targets_negative_reward_and_padding():
+    w = T_([[0.0, 0.2, 0.4, 99.0]])  # last entry is padding: must not leak into the targets
+    G = gvm.td_lambda_targets(w, T_([-1.0]), T_([[1.0, 1, 1, 0]]), 1.0, 0.95)
+    assert close(G[0], [-0.8735, -0.93, -1, 0])
+
+
+def test_gvm_loss_design_vector():
+    w = T_([[0.1, 0.3, -0.2, 0.5], [0.0, 0.2, 0.4, 0.0]])
+    mask = T_([[1.0, 1, 1, 1], [1, 1, 1, 0]])
+    G = gvm.td_lambda_targets(w, T_([1.0, -1.0]), mask, 1.0, 0.95)
+    assert close(gvm.gvm_loss(w, G, mask, mask.sum()), 0.473372)
+
+
+def td_lambda_reference(w, R, gamma, lam):
+    """Plain python recursion for one row (the definition in DESIGN.md §2)."""
+    G = [0.0] * len(w)
+    G[-1] = R
+    for k in reversed(range(len(w) - 1)):
+        G[k] = gamma * ((1 - lam) * w[k + 1] + lam * G[k + 1])
+    return G
+
+
+def test_td_lambda_loop_vs_vectorized_random_ragged():
+    g = torch.Generator().manual_seed(0)
+    lens = [1, 3, 7, 5]
+    w = torch.randn(4, 7, generator=g)
+    R = torch.randn(4, generator=g)
+    mask = (torch.arange(7)[None] < T_(lens)[:, None]).float()
+    G = gvm.td_lambda_targets(w, R, mask, gamma=0.9, lam=0.7)
+    for b, n in enumerate(lens):
+        assert close(G[b, :n], td_lambda_reference(w[b, :n].tolist(), R[b].item(), 0.9, 0.7))
+        assert (G[b, n:] == 0).all()
+
+
+def test_td_lambda_monte_carlo_is_discounted_reward():
+    w = torch.randn(1, 5)
+    G = gvm.td_lambda_targets(w, T_([2.0]), torch.ones(1, 5), gamma=0.5, lam=1.0)
+    assert close(G[0], [2 * 0.5 ** (4 - k) for k in range(5)])
+
+
+def test_value_chain_reads_u_at_P_minus_1_plus_k():
+    u = torch.arange(20.0).view(2, 10)
+    w, m = gvm.value_chain(u, prompt_len=T_([3, 5]), response_len=T_([4, 2]))
+    assert w.shape == (2, 5)
+    assert close(w[0], [2, 3, 4, 5, 6]) and close(w[1, :3], [14, 15, 16])
+    assert m.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+
+
+def test_pairwise_accuracy_counts_ties_half():
+    assert gvm.pairwise_accuracy(T_([1.0, 0.0, 2.0, 1.0]), T_([0.0, 1.0, 2.0, 0.5])) == pytest.approx(0.625)
+
+
+def test_tau_prefix_truncation():
+    ex = [([1, 2, 3, 4], [5, 6, 9]), ([7, 8], [10, 11, 12, 9])]
+    assert gvm.tau_prefix(ex, prompt_len=2, response_len=3) == [3, 4, 5, 6, 9, 7, 8, 10, 11, 12]
+
+
+# ---------------------------------------------------------------- advantages (§3)
+
+W = T_([[0.1, 0.3, 0.2, 0.6, 0.9]])
+KL = T_([[0.1, -0.05, 0.2, 0.0]])
+
+
+def test_td_advantages_design_vectors():
+    mask = torch.ones(1, 4)
+    r_kl = -0.2 * KL
+    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 0.95)[0], [0.676612, 0.52275, 0.645, 0.3])
+    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 1.0)[0], [0.75, 0.57, 0.66, 0.3])
+    # δ_t: λ = 0 gives the one-step TD errors
+    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 0.0)[0], [0.18, -0.09, 0.36, 0.3])
+
+
+def test_td_advantages_padding_invariance():
+    """Right-padding to length 6 (garbage values in the padding) changes nothing."""
+    w = torch.cat([W, T_([[5.0, -7.0]])], 1)  # (1, 7): chain of a T = 6 padded row
+    kl = torch.cat([KL, T_([[3.0, 3.0]])], 1)
+    mask = T_([[1.0, 1, 1, 1, 0, 0]])
+    A = dvpo.td_advantages(w, -0.2 * kl * mask, mask, 1.0, 0.95)
+    assert close(A[0, :4], [0.676612, 0.52275, 0.645, 0.3]) and (A[0, 4:] == 0).all()
+
+
+def test_td_advantages_sum_of_deltas_is_wT_minus_w0():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 6, generator=g)
+    mask = T_([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
+    A = dvpo.td_advantages(w, torch.zeros(3, 5), mask, 1.0, 1.0)
+    lens = mask.sum(1).long()
+    for b in range(3):
+        assert close(A[b, 0], w[b, lens[b]] - w[b, 0])
+
+
+def test_gae_loop_reference():
+    g = torch.Generator().manual_seed(2)
+    V, r = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    mask = T_([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    A = dvpo.gae(V, r, mask, 0.9, 0.8)
+    for b, n in enumerate([5, 2]):
+        ref, last = [0.0] * n, 0.0
+        for t in reversed(range(n)):
+            v_next = V[b, t + 1].item() if t + 1 < n else 0.0
+            last = r[b, t].item() + 0.9 * v_next - V[b, t].item() + 0.9 * 0.8 * last
+            ref[t] = last
+        assert close(A[b, :n], ref) and (A[b, n:] == 0).all()
+
+
+def test_batch_norm_paper_mode_vector():
+    Q = T_([[0.3, 0.2, 0.6, 0.9]])
+    assert close(dvpo.masked_batch_norm(Q, torch.ones(1, 4)), [[-0.730297, -1.095445, 0.365148, 1.460593]])
+
+
+def test_masked_batch_norm_with_padding_vector():
+    Q = T_([[0.2, 0.4, 0.6, 7.0], [-0.3, 0.1, 7.0, 7.0]])
+    mask = T_([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    out = dvpo.masked_batch_norm(Q, mask)
+    assert close(out, [[0, 0.65938, 1.318761, 0], [-1.648451, -0.32969, 0, 0]])
+
+
+def test_masked_batch_norm_degenerate():
+    assert (dvpo.masked_batch_norm(T_([[3.0, 4.0]]), T_([[1.0, 0.0]])) == 0).all()
+
+
+def test_paper_advantages_uses_post_token_values():
+    """A_t = BN(w_1..w_T)_t + KL-to-go; never w_{t-1}."""
+    mask = torch.ones(1, 4)
+    r_kl = -0.2 * KL
+    A = dvpo.paper_advantages(W, r_kl, mask, 1.0)
+    kl_to_go = torch.flip(torch.cumsum(torch.flip(r_kl, [1]), 1), [1])
+    assert close(A, T_([[-0.730297, -1.095445, 0.365148, 1.460593]]) + kl_to_go)
+
+
+# ---------------------------------------------------------------- PPO clip loss (§4)
+
+def test_ppo_clip_loss_design_vector():
+    old = T_([[-1, -2, -0.5, -1.5], [-0.7, -1.2, 0, 0]])
+    new = T_([[-0.8, -2.3, -0.1, -1.5], [-1.2, -1.0, 0, 0]])
+    A = T_([[1, -0.5, 2, 0.3], [-1, 0.8, 5, 5]])
+    mask = T_([[1.0, 1, 1, 1], [1, 1, 0, 0]])
+    loss, stats = dvpo.ppo_clip_loss(new, old, A, mask, 0.2, n_tokens=mask.sum())
+    assert loss.item() == pytest.approx(-0.61, abs=1e-5)
+    assert stats["clipfrac"] == pytest.approx(0.833333, abs=1e-5)
+
+
+def test_ppo_clip_loss_gradient_zero_when_clipped():
+    """A > 0 and ratio above 1+ε: the clipped branch is active, so no gradient flows."""
+    logp = torch.tensor([[0.5]], requires_grad=True)
+    loss, _ = dvpo.ppo_clip_loss(logp, T_([[0.0]]), T_([[1.0]]), T_([[1.0]]), 0.2, 1.0)
+    loss.backward()
+    assert logp.grad.abs().item() == 0.0
+
+
+def test_kl_controller_moves_toward_target():
+    assert dvpo.kl_controller(0.2, kl=2.0, target=1.0, n_steps=100, horizon=1000) > 0.2
+    assert dvpo.kl_controller(0.2, kl=0.5, target=1.0, n_steps=100, horizon=1000) < 0.2
