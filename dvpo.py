@@ -223,7 +223,7 @@ def evaluate(policy, ref, tok, prompts: list, cfg, device, builtin: bool) -> dic
     Σ_t (log π - log π_ref) per sampled response. Each rank evaluates its shard."""
     mine = data.shard(prompts, fu.rank(), fu.world())
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345 + fu.rank())
-    sums = torch.zeros(6, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
     for i in range(0, len(mine), 256):
         texts = mine[i:i + 256]
         ids = [data.encode_prompt(tok, p, cfg.max_prompt_len) for p in texts]
@@ -236,7 +236,7 @@ def evaluate(policy, ref, tok, prompts: list, cfg, device, builtin: bool) -> dic
                   for p, r in zip(texts, x["response"])] for x in (b, bg))
         g, gg = torch.tensor(g, dtype=torch.float64), torch.tensor(gg, dtype=torch.float64)
         sums += torch.stack([g.sum(), (g * g).sum(), gg.sum(), kl.double().sum().cpu(), torch.tensor(len(texts), dtype=torch.float64),
-                             b["response_len"].double().sum().cpu()])
+                             b["response_len"].double().sum().cpu()]).to(device)
     fu.all_reduce_sum(sums)
     s, s2, sg, skl, n, sl = sums.tolist()
     out = {"kl_to_ref": skl / n, "response_len": sl / n}

@@ -144,7 +144,8 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict):
         model.load_state_dict(state_dict)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # a shallow copy: PyTorch replaces the dict's tensors with shards in place on rank 0
+    set_model_state_dict(model, dict(state_dict), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 @contextlib.contextmanager
@@ -173,28 +174,34 @@ def staged_dir(path: str, replace_dir: bool):
         os.rmdir(tmp)
 
 
-def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None,
-            replace_dir: bool = False):
-    """Write an HF-format folder (config.json, safetensors weights, tokenizer) from rank 0.
-    `model` is the HF PreTrainedModel (possibly FSDP-sharded); every rank must call this.
-    extra maps file names in the folder to state dicts (saved as safetensors) or dicts (as JSON)."""
+def write_hf(model, tokenizer, folder: str, state_dict: dict, extra: dict | None = None):
+    """Rank 0 writes an HF-format folder: config.json, safetensors weights, tokenizer, and `extra`
+    (file name -> state dict as .safetensors, object as .pt, or dict as JSON)."""
     import json
 
     from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    for name, obj in (extra or {}).items():
+        if name.endswith(".safetensors"):
+            save_file({k: v.contiguous() for k, v in obj.items()}, os.path.join(folder, name))
+        elif name.endswith(".pt"):
+            torch.save(obj, os.path.join(folder, name))
+        else:
+            with open(os.path.join(folder, name), "w") as f:
+                json.dump(obj, f, indent=2)
+
+
+def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None,
+            replace_dir: bool = False):
+    """Gather (a collective: every rank calls this) and write an HF folder from rank 0 through a
+    temp folder (see staged_dir). `model` is the HF PreTrainedModel, possibly FSDP-sharded."""
     sd = full_state_dict(model) if state_dict is None else state_dict
     with staged_dir(path, replace_dir) as tmp:
         if tmp is not None:
-            model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            for name, obj in (extra or {}).items():
-                if name.endswith(".safetensors"):
-                    save_file({k: v.contiguous() for k, v in obj.items()}, os.path.join(tmp, name))
-                elif name.endswith(".pt"):
-                    torch.save(obj, os.path.join(tmp, name))
-                else:
-                    with open(os.path.join(tmp, name), "w") as f:
-                        json.dump(obj, f, indent=2)
+            write_hf(model, tokenizer, tmp, sd, extra)
     barrier()
 
 
@@ -274,5 +281,5 @@ def full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) ->
 def load_full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state_dict: dict):
     """Inverse of full_optim_state_dict: rank 0's full state is broadcast and sharded."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, state_dict,
+    set_optimizer_state_dict(model, opt, dict(state_dict),  # a copy, as in load_full_state_dict
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_dist()))

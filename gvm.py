@@ -109,12 +109,17 @@ def load_gvm(path: str, device, dtype=torch.float32):
     return model.to(device), AutoTokenizer.from_pretrained(path), gcfg
 
 
+def split_gvm_state(sd: dict) -> tuple[dict, dict]:
+    """Full GVM state dict -> (backbone state dict, value head state dict)."""
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
+    return backbone, head
+
+
 def save_gvm(model: GVM, tokenizer, path: str, gvm_config: dict):
     """Backbone in HF format (safetensors) + value_head.safetensors + gvm_config.json + tokenizer.
     A collective under FSDP: every rank calls it, rank 0 writes."""
-    sd = fu.full_state_dict(model)
-    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
+    backbone, head = split_gvm_state(fu.full_state_dict(model))
     fu.save_hf(model.backbone, tokenizer, path, state_dict=backbone,
                extra={"value_head.safetensors": head, "gvm_config.json": gvm_config})
 

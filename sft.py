@@ -86,7 +86,7 @@ def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
         for name, temp in (("gold_reward", 1.0), ("gold_reward_greedy", 0.0)):
             ys = data.sample_texts(model, tok, prompts, 16, temp, 1.0, 256, gen, device)
             r = [data.gold_reward(p, y) for p, y in zip(prompts, ys)]
-            s = fu.all_reduce_sum(torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64))
+            s = fu.all_reduce_sum(torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64, device=device))
             m = (s[0] / s[2]).item()
             out[f"eval/{name}"] = m
             if temp > 0:

@@ -1,0 +1,142 @@
+"""One SFT step of the tiny model, the same lines in one process and under FSDP2 (test_fsdp.py
+compares the two). Each rank takes its strided half of a fixed batch; the loss is the global token
+mean (sft.sft_loss with the all-reduced token count, as in sft.py).
+
+  python tests/dist_fsdp_step.py OUT
+  torchrun --nproc_per_node 2 tests/dist_fsdp_step.py OUT
+  torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --reuse     # load one full state dict twice
+
+Writes OUT/model (fsdp_utils.save_hf), OUT/grads.safetensors and OUT/result.json (rank 0).
+Checks that only make sense inside the run (reload, load_full_state_dict, gathered) are asserted
+here: a failure exits non-zero.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+import fsdp_utils as fu  # noqa: E402
+import sft  # noqa: E402
+
+torch.set_num_threads(1)
+LR, N_ROWS = 1e-4, 8
+GEN_JOBS = [(0, 5), (1, 9)]  # (prompt shard, max_new_tokens): ranks run different numbers of forwards
+
+
+def is_dtensor(p) -> bool:
+    from torch.distributed.tensor import DTensor
+    return isinstance(p, DTensor)
+
+
+def main(out: str):
+    device = fu.setup("cpu")
+    tok = data.build_char_tokenizer()
+    model = data.build_tiny_model(tok, seed=0)
+    rows = data.builtin_sft_data(N_ROWS, seed=0)
+    enc = [(data.encode_prompt(tok, r["prompt"]), data.encode_response(tok, r["response"])) for r in rows]
+    mine = enc[fu.rank()::fu.world()]
+
+    model = fu.shard(model, device)
+    assert all(is_dtensor(p) for p in model.parameters()) == fu.is_dist()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    batch = data.collate_right([p for p, _ in mine], [r for _, r in mine], tok.pad_token_id)
+    T = int(batch["response_len"].max())
+    mask = data.response_mask(batch["response_len"], T)
+    n_tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global response-token count
+    logp, _ = data.response_logprobs(model, batch, T)
+    loss = sft.sft_loss(logp, mask, n_tokens)
+    loss.backward()
+    # full gradients before clipping (AdamW's first step is ~lr * sign(g), so the weights alone
+    # would hide a wrongly scaled gradient); full_tensor() is a collective
+    grads = {n: (p.grad.full_tensor() if is_dtensor(p.grad) else p.grad).detach().clone()
+             for n, p in model.named_parameters()}
+    gnorm = fu.grad_norm_clip(model, 1.0)
+    opt.step()
+    m = fu.reduce_metrics({"loss": loss.item() / fu.world(), "rank": fu.rank()}, device)
+    result = {"world": fu.world(), "n_tokens": n_tokens, "loss": m["loss"] * fu.world(), "rank_mean": m["rank"],
+              "grad_norm": gnorm}
+
+    # rollout inside gathered(): eval mode, parameters kept gathered between generated tokens
+    prompts = data.builtin_prompts(6, "eval")
+    gen = {}
+    with fu.gathered(model):
+        assert not model.training
+        for shard_id, max_new in GEN_JOBS:
+            if fu.is_dist() and shard_id != fu.rank():
+                continue
+            left = data.collate_left([data.encode_prompt(tok, p) for p in prompts[shard_id::2]], tok.pad_token_id)
+            ids, length, _ = data.generate(model, left["input_ids"], left["attention_mask"], max_new,
+                                           tok.eos_token_id, tok.pad_token_id, temperature=0.0)
+            gen[shard_id] = [row[:n].tolist() for row, n in zip(ids, length)]
+        if fu.is_dist():
+            assert not any(is_dtensor(p) for p in model.parameters())  # still gathered after the forwards
+    assert model.training
+    assert all(is_dtensor(p) for p in model.parameters()) == fu.is_dist()  # resharded on exit
+    if fu.is_dist():
+        parts = [None] * fu.world()
+        dist.all_gather_object(parts, gen)
+        gen = {k: v for part in parts for k, v in part.items()}
+    result["generated"] = {str(k): v for k, v in sorted(gen.items())}
+
+    # save, reload with transformers on rank 0
+    sd = fu.full_state_dict(model)  # collective: every rank calls it; {} off rank 0
+    assert (len(sd) > 0) == (fu.rank() == 0)
+    fu.save_hf(model, tok, os.path.join(out, "model"))
+    if fu.rank() == 0:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
+        rsd = reloaded.state_dict()
+        assert set(rsd) == set(sd), set(rsd) ^ set(sd)
+        assert all(torch.equal(rsd[k], sd[k]) for k in sd)
+        assert AutoTokenizer.from_pretrained(os.path.join(out, "model")).eos_token_id == tok.eos_token_id
+
+    # load_full_state_dict: rank 0's weights into a differently initialised, sharded model
+    fresh = fu.shard(data.build_tiny_model(tok, seed=1), device)
+    fu.load_full_state_dict(fresh, dict(sd))  # a copy: see reuse_state_dict()
+    fsd = fu.full_state_dict(fresh)
+    if fu.rank() == 0:
+        assert all(torch.equal(fsd[k], sd[k]) for k in sd)
+    model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        b = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(a, b)
+    fu.reshard(model)
+    fu.reshard(fresh)
+
+    if fu.rank() == 0:
+        from safetensors.torch import save_file
+        save_file(grads, os.path.join(out, "grads.safetensors"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    fu.cleanup()
+
+
+def reuse_state_dict():
+    """One full state dict loaded into two sharded models (policy and reference from the same SFT
+    checkpoint): the caller's dict must still hold the full tensors after the first load."""
+    device = fu.setup("cpu")
+    tok = data.build_char_tokenizer()
+    sd = fu.full_state_dict(fu.shard(data.build_tiny_model(tok, seed=0), device))
+    ref = {k: v.clone() for k, v in sd.items()}
+    for seed in (1, 2):
+        model = fu.shard(data.build_tiny_model(tok, seed=seed), device)
+        fu.load_full_state_dict(model, sd)
+        if fu.rank() == 0:
+            changed = [k for k in ref if type(sd[k]) is not torch.Tensor or not torch.equal(sd[k], ref[k])]
+            assert not changed, f"load_full_state_dict modified the caller's state dict: {changed[:3]} ..."
+        got = fu.full_state_dict(model)
+        if fu.rank() == 0:
+            assert all(torch.equal(got[k], ref[k]) for k in ref)
+    fu.cleanup()
+
+
+if __name__ == "__main__":
+    reuse_state_dict() if sys.argv[1] == "--reuse" else main(sys.argv[1])
