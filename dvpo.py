@@ -182,9 +182,11 @@ def rollout(policy, prompt_ids: list[list[int]], tok, max_new_tokens: int, tempe
             "truncated": truncated, "response": resp, "prompt_ids": prompt_ids}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def frozen_logprobs(model, batch: dict, T: int, temperature: float) -> torch.Tensor:
-    """log π(y_t | s_t) of a frozen model (reference, or the policy before the update)."""
+    """log π(y_t | s_t) with no gradient: the reference, or the policy before the update.
+    (no_grad, not inference_mode: under FSDP2 inference_mode would turn the trained policy's
+    gathered parameter buffers into inference tensors, which its next training step cannot update.)"""
     logp, _ = data.response_logprobs(model, batch, T, temperature)
     fu.reshard(model)  # FSDP2 keeps the root gathered after forward: free it
     return logp.clone()

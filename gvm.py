@@ -52,15 +52,15 @@ class Config:
     tau_prompt_len: int = 64  # each τ prompt is cut to this many tokens (from the left)
     tau_response_len: int = 64  # each τ response is cut to this many tokens (from the right)
     epochs: int = 2
-    batch_size: int = 64  # pairs (or scored rows) per optimizer step, global
-    lr: float = 1e-3  # use ~2e-6 (paper App. A) for real models
+    batch_size: int = 32  # pairs (or scored rows) per optimizer step, global
+    lr: float = 3e-4  # use ~2e-6 (paper App. A) for real models
     warmup_steps: int = 20
     grad_clip: float = 1.0
     max_prompt_len: int = 512
     max_response_len: int = 512
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     # built-in task: pairs sampled from --init at these temperatures, one `policy` per temperature
-    builtin_prompts: int = 8000  # train prompts per sampler (each gives one pair)
+    builtin_prompts: int = 16000  # train prompts per sampler (each gives one pair)
     builtin_eval_prompts: int = 1000  # held-out prompts per sampler
     builtin_temperatures: str = "1.0,1.5"
     bt_temperature: float = 0.1  # Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / t)

@@ -6,10 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS="${SEEDS:-0 1 2}"
+CONFIGS="${CONFIGS:-td_k0 paper_k0 td_k2 paper_k2}"  # which rows to run
 EXTRA="${EXTRA:-}"  # extra dvpo.py flags for every run, e.g. EXTRA="--steps 20"
-[ -d out/gvm_tau2 ] || python gvm.py --tau_k 2 --out_dir out/gvm_tau2
 run() {  # name, flags...
   local name=$1; shift
+  case " $CONFIGS " in *" $name "*) ;; *) return 0 ;; esac
+  if [[ "$name" == *_k2 && ! -f out/gvm_tau2/gvm_config.json ]]; then
+    python gvm.py --tau_k 2 --out_dir out/gvm_tau2
+  fi
   for s in $SEEDS; do
     [ -f "out/ablation/${name}_s$s/summary.json" ] || python dvpo.py --seed "$s" --out_dir "out/ablation/${name}_s$s" "$@" $EXTRA
   done

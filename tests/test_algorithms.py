@@ -176,3 +176,40 @@ def test_ppo_clip_loss_gradient_zero_when_clipped():
 def test_kl_controller_moves_toward_target():
     assert dvpo.kl_controller(0.2, kl=2.0, target=1.0, n_steps=100, horizon=1000) > 0.2
     assert dvpo.kl_controller(0.2, kl=0.5, target=1.0, n_steps=100, horizon=1000) < 0.2
+
+
+# ---------------------------------------------------------------- PPO baseline pieces (§4)
+
+import ppo_baseline  # noqa: E402
+
+
+def test_bt_loss_hand_vector():
+    loss = ppo_baseline.bt_loss(T_([1.0, 0.0]), T_([0.0, 1.0]))
+    assert close(loss, [0.313262, 1.313262])
+
+
+def test_ppo_gae_equals_dvpo_td_when_critic_and_rm_are_the_chain():
+    """DESIGN.md §4: GAE with V_t = w_{t-1} and RM score = w_T reproduces the td vectors."""
+    mask = torch.ones(1, 4)
+    r_kl = -0.2 * KL
+    A = ppo_baseline.ppo_advantages(W[:, :4], W[:, 4], r_kl, mask, 1.0, 0.95)
+    assert close(A[0], [0.676612, 0.52275, 0.645, 0.3])
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 6, generator=g)
+    m = T_([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    rk = torch.randn(3, 5, generator=g) * m
+    score = dvpo.terminal(w[:, 1:], m)
+    assert close(ppo_baseline.ppo_advantages(w[:, :5] * m, score, rk, m, 1.0, 0.9), dvpo.td_advantages(w, rk, m, 1.0, 0.9))
+
+
+def test_value_loss_clipping():
+    old = T_([[0.0, 0.0, 0.0]])
+    new = T_([[0.5, -0.1, 0.3]])
+    ret = T_([[1.0, 0.0, -1.0]])
+    mask = T_([[1.0, 1.0, 0.0]])
+    # t=1: unclipped (0.5-1)^2 = .25, clipped (0.2-1)^2 = .64 -> .64; t=2: both .01 -> .01; t=3 masked
+    loss = ppo_baseline.value_loss_clipped(new, old, ret, mask, clip=0.2, n_tokens=2.0)
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 0.01) / 2)
+    # with a huge clip range it is the plain squared error
+    loss = ppo_baseline.value_loss_clipped(new, old, ret, mask, clip=100.0, n_tokens=2.0)
+    assert loss.item() == pytest.approx(0.5 * (0.25 + 0.01) / 2)
