@@ -150,17 +150,26 @@ def read_records(path: str) -> list[tuple[str, object]]:
     """(location, record) pairs from a JSONL file ("line N") or a JSON array file ("item N").
     Bad JSON raises DataError naming the file and line; blank JSONL lines are ignored."""
     try:
-        text = open(path, encoding="utf-8").read()
+        raw = open(path, "rb").read()
     except OSError as e:
         raise DataError(f"{path}: cannot read file: {e}") from None
-    if text.lstrip().startswith("["):
+    lines = raw.split(b"\n")
+    if raw.lstrip().startswith(b"["):
         try:
-            items = json.loads(text)
+            items = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            line_no = raw[:e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line_no}: not valid UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON array: {e.msg}") from None
         return [(f"{path}: item {i}", r) for i, r in enumerate(items)]
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, bline in enumerate(lines, 1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError:
+            out.append((f"{path}:{n}", DataError(f"{path}:{n}: not valid UTF-8")))
+            continue
         if not line.strip():
             continue
         try:

@@ -556,3 +556,12 @@ def test_builtin_pairs(tiny):
         assert r["gold_chosen"] == data.gold_reward(r["prompt"], r["chosen"])
         assert r["gold_rejected"] == data.gold_reward(r["prompt"], r["rejected"])
     assert data.builtin_pairs(model, tk, prompts, 1.0, "sft", 0.1, seed=0) == (rows, same)
+
+
+def test_non_utf8_line_is_a_data_error_with_its_line(tmp_path):
+    p = tmp_path / "bin.jsonl"
+    p.write_bytes(b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n\xff\xfe\n')
+    with pytest.raises(data.DataError, match=r"bin\.jsonl:2: not valid UTF-8"):
+        data.load_records(str(p), "preference")
+    rows, stats = data.load_records(str(p), "preference", skip_bad=True)
+    assert len(rows) == 1 and stats.read == 2 and len(stats.skipped) == 1
