@@ -362,6 +362,14 @@ def decode_response(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def check_context(longest: int, model_config, what: str):
+    """Fail before training, not deep in the loop, if a sequence exceeds the model's context."""
+    limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
+    if limit and longest > limit:
+        raise DataError(f"the longest {what} is {longest} tokens, more than the model's context of {limit} "
+                        f"positions; lower --max_prompt_len / --max_response_len (or --max_new_tokens, tau lengths)")
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """Each rank reads its own strided shard."""
     return items[rank::world]

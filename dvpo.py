@@ -301,6 +301,7 @@ def main(cfg: Config):
     my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in data.shard(train_prompts, fu.rank(), world)]
     my_texts = data.shard(train_prompts, fu.rank(), world)
     fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}; tau_k={tau_k}")
+    data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "tau_pool": [], "opt_step": 0, "before": None}
     if resume:
@@ -431,4 +432,7 @@ def save_checkpoint(policy, opt, tok, state: dict, path: str):
 
 
 if __name__ == "__main__":
-    main(fu.parse_config(Config))
+    try:
+        main(fu.parse_config(Config))
+    except data.DataError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"dvpo.py: {e}")

@@ -252,7 +252,8 @@ def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg
 @torch.no_grad()
 def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, batch_size: int = 128) -> dict:
     """Held-out TD loss and (preference data) pairwise accuracy with w_T, the chain mean and chain
-    percentiles. Replicated on every rank (held-out sets are small), so no collective is skipped."""
+    percentiles, overall and per sampling policy. Replicated on every rank (held-out sets are
+    small), so no collective is skipped."""
     model.eval()
     rng = random.Random(cfg.seed + 7)  # fixed τ draws: the same evaluation every time
     finals, means, pcts, td = [], [], {q: [] for q in (1, 5, 10, 90, 95, 99)}, [0.0, 0.0]
@@ -277,6 +278,9 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
         acc = {name: pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
         out["eval/pairwise_accuracy"] = acc["final"]
         out["eval/pairwise_accuracy_table"] = acc
+        for pol in sorted({e["policy"] for e in examples if e["policy"] is not None}):
+            sel = torch.tensor([e["policy"] == pol for e in examples])
+            out[f"eval/pairwise_accuracy/{pol}"] = pairwise_accuracy(table["final"][0::2][sel], table["final"][1::2][sel])
         out["eval/value_chosen_mean"] = table["final"][0::2].mean().item()
         out["eval/value_rejected_mean"] = table["final"][1::2].mean().item()
     return out
@@ -370,6 +374,9 @@ def main(cfg: Config):
 
     # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
     model = GVM(AutoModel.from_pretrained(cfg.init, dtype=torch.float32))
+    longest = max(len(e["prompt"]) + max(len(e[k]) for k in e if k in ("chosen", "rejected", "response")) for e in train + held)
+    data.check_context(longest + cfg.tau_k * (cfg.tau_prompt_len + cfg.tau_response_len), model.backbone.config,
+                       "τ + prompt + response")
     model = fu.shard(model, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -438,4 +445,7 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(fu.parse_config(Config))
+    try:
+        main(fu.parse_config(Config))
+    except data.DataError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"gvm.py: {e}")

@@ -54,7 +54,7 @@ class Config:
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
     out_dir: str = "out/ppo"
     # reward model
-    rm_epochs: int = 4
+    rm_epochs: int = 2  # same budget as gvm.py: 2 epochs, batch 32, lr 3e-4
     rm_batch_size: int = 32  # pairs per step, global
     rm_lr: float = 3e-4
     max_prompt_len: int = 512
@@ -424,4 +424,7 @@ def save_checkpoint(policy, critic, opt, critic_opt, tok, state: dict, path: str
 
 
 if __name__ == "__main__":
-    main(fu.parse_config(Config))
+    try:
+        main(fu.parse_config(Config))
+    except data.DataError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"ppo_baseline.py: {e}")

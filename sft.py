@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -113,6 +114,7 @@ def main(cfg: Config):
                         data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
     train, held = [encode(r) for r in rows], [encode(r) for r in eval_rows]
     fu.print0(f"{len(train)} training examples, {len(held)} held out; {trunc.summary()}")
+    data.check_context(max(len(p) + len(r) for p, r in train + held), model.config, "prompt + response")
 
     model = fu.shard(model, device)
     model.train()
@@ -196,4 +198,7 @@ def eval_nll(model, examples, pad_id: int, device, batch_size: int = 16) -> floa
 
 
 if __name__ == "__main__":
-    main(fu.parse_config(Config))
+    try:
+        main(fu.parse_config(Config))
+    except data.DataError as e:  # bad input: one clear line, no traceback
+        sys.exit(f"sft.py: {e}")

@@ -565,3 +565,10 @@ def test_non_utf8_line_is_a_data_error_with_its_line(tmp_path):
         data.load_records(str(p), "preference")
     rows, stats = data.load_records(str(p), "preference", skip_bad=True)
     assert len(rows) == 1 and stats.read == 2 and len(stats.skipped) == 1
+
+
+def test_check_context_names_the_options():
+    from transformers import LlamaConfig
+    data.check_context(512, LlamaConfig(max_position_embeddings=512), "x")  # fits: no error
+    with pytest.raises(data.DataError, match="more than the model's context of 512.*--max_prompt_len"):
+        data.check_context(513, LlamaConfig(max_position_embeddings=512), "prompt + response")
