@@ -250,6 +250,49 @@ def evaluate(policy, ref, tok, prompts: list, cfg, device, builtin: bool) -> dic
 
 
 # ----------------------------------------------------------------------------------------------
+# Plumbing shared with ppo_baseline.py: prompts, resume, summary
+
+def load_prompts(cfg, tok, trunc: data.TruncationStats):
+    """(this rank's prompt texts, their token ids, held-out prompt texts, builtin?). Built-in task:
+    steps × batch_size training prompts and eval_prompts held-out ones; a file: the first
+    min(eval_prompts, 10%) prompts are held out. Each rank reads its own shard."""
+    builtin = not cfg.prompts
+    if builtin:
+        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=cfg.seed + 7)
+        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
+    else:
+        rows, stats = data.load_records(cfg.prompts, "prompt")
+        fu.print0(stats.summary())
+        n_eval = min(cfg.eval_prompts, len(rows) // 10)
+        eval_prompts, train_prompts = [r["prompt"] for r in rows[:n_eval]], [r["prompt"] for r in rows[n_eval:]]
+    my_texts = data.shard(train_prompts, fu.rank(), fu.world())
+    my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in my_texts]
+    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}")
+    return my_texts, my_prompts, eval_prompts, builtin
+
+
+def trim_metrics(path: str, step: int):
+    """On resume: drop metrics.jsonl rows of steps after the checkpoint (they were lost)."""
+    if fu.rank() == 0 and os.path.exists(path):
+        rows = [l for l in open(path) if json.loads(l)["step"] <= step]
+        open(path, "w").writelines(rows)
+
+
+def rollout_gold(texts: list[str], responses: torch.Tensor, tok) -> float:
+    """Mean gold reward of a rollout batch (built-in task; for reporting only, never in a loss)."""
+    return sum(data.gold_reward(p, data.decode_response(tok, r.tolist())) for p, r in zip(texts, responses)) / len(texts)
+
+
+def gold_summary(before: dict, after: dict) -> dict:
+    """summary.json's held-out gold-reward entries (built-in task)."""
+    return {"eval/gold_reward_before": before["gold_reward"], "eval/gold_reward_after": after["gold_reward"],
+            "eval/gold_reward_stderr": after["gold_reward_stderr"],
+            "eval/gold_reward_stderr_before": before["gold_reward_stderr"],
+            "eval/gold_reward_greedy_before": before["gold_reward_greedy"],
+            "eval/gold_reward_greedy_after": after["gold_reward_greedy"]}
+
+
+# ----------------------------------------------------------------------------------------------
 # main: the recipe
 
 def main(cfg: Config):
@@ -288,19 +331,8 @@ def main(cfg: Config):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 
     # prompts: each rank reads its own shard
-    builtin = not cfg.prompts
-    if builtin:
-        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=cfg.seed + 7)
-        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
-    else:
-        rows, stats = data.load_records(cfg.prompts, "prompt")
-        fu.print0(stats.summary())
-        prompts_all = [r["prompt"] for r in rows]
-        eval_prompts, train_prompts = prompts_all[:min(cfg.eval_prompts, len(prompts_all) // 10)], prompts_all[min(cfg.eval_prompts, len(prompts_all) // 10):]
-    trunc = data.TruncationStats()
-    my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in data.shard(train_prompts, fu.rank(), world)]
-    my_texts = data.shard(train_prompts, fu.rank(), world)
-    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}; tau_k={tau_k}")
+    my_texts, my_prompts, eval_prompts, builtin = load_prompts(cfg, tok, data.TruncationStats())
+    fu.print0(f"tau_k={tau_k}")
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "tau_pool": [], "opt_step": 0, "before": None}
@@ -309,9 +341,7 @@ def main(cfg: Config):
         st = fu.broadcast_object(st)
         fu.load_full_optim_state_dict(policy, opt, st.pop("optimizer") if fu.rank() == 0 else {})
         state.update(st)
-        if fu.rank() == 0 and os.path.exists(metrics_path):  # steps after the checkpoint were lost: drop their logs
-            rows = [l for l in open(metrics_path) if json.loads(l)["step"] <= state["step"]]
-            open(metrics_path, "w").writelines(rows)
+        trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
         state["before"] = evaluate(policy, ref, tok, eval_prompts, cfg, device, builtin)
@@ -386,8 +416,7 @@ def main(cfg: Config):
              "truncated": batch["truncated"].float().mean().item(),
              **{k: sum(v) / len(v) for k, v in stats.items()}}
         if builtin:
-            m["gold_reward"] = sum(data.gold_reward(my_texts[i], data.decode_response(tok, r.tolist()))
-                                   for i, r in zip(idx, batch["response"])) / per_rank
+            m["gold_reward"] = rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
         m = fu.reduce_metrics(m, device)
         m.update({"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                   "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
@@ -411,11 +440,7 @@ def main(cfg: Config):
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,
                "tau_k": tau_k, "eval/kl_to_ref": after["kl_to_ref"], "eval/response_len": after["response_len"]}
     if builtin:
-        summary.update({"eval/gold_reward_before": before["gold_reward"], "eval/gold_reward_after": after["gold_reward"],
-                        "eval/gold_reward_stderr": after["gold_reward_stderr"],
-                        "eval/gold_reward_stderr_before": before["gold_reward_stderr"],
-                        "eval/gold_reward_greedy_before": before["gold_reward_greedy"],
-                        "eval/gold_reward_greedy_after": after["gold_reward_greedy"]})
+        summary.update(gold_summary(before, after))
     save_checkpoint(policy, opt, tok, state, ckpt)
     fu.save_hf(policy, tok, cfg.out_dir)
     fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)

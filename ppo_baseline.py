@@ -37,8 +37,8 @@ from tqdm import tqdm
 
 import data
 import fsdp_utils as fu
-from dvpo import (evaluate, frozen_logprobs, gae, masked_batch_norm, masked_mean, ppo_clip_loss, rollout,
-                  kl_controller, terminal)
+from dvpo import (evaluate, frozen_logprobs, gae, gold_summary, kl_controller, load_prompts, masked_batch_norm,
+                  masked_mean, ppo_clip_loss, rollout, rollout_gold, terminal, trim_metrics)
 from gvm import GVM, load_gvm, pairwise_accuracy, split_gvm_state, value_chain
 from sft import load_policy, lr_at
 
@@ -259,19 +259,8 @@ def main(cfg: Config):
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)  # PPO only
 
     # prompts: each rank reads its own shard
-    builtin = not cfg.prompts
-    if builtin:
-        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=cfg.seed + 7)
-        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
-    else:
-        rows, stats = data.load_records(cfg.prompts, "prompt")
-        fu.print0(stats.summary())
-        n_eval = min(cfg.eval_prompts, len(rows) // 10)
-        eval_prompts, train_prompts = [r["prompt"] for r in rows[:n_eval]], [r["prompt"] for r in rows[n_eval:]]
-    trunc = data.TruncationStats()
-    my_texts = data.shard(train_prompts, fu.rank(), world)
-    my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in my_texts]
-    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}")
+    my_texts, my_prompts, eval_prompts, builtin = load_prompts(cfg, tok, data.TruncationStats())
+    data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "opt_step": 0, "before": None}
     if resume:
@@ -280,9 +269,7 @@ def main(cfg: Config):
         fu.load_full_optim_state_dict(critic, critic_opt, st.pop("critic_optimizer") if fu.rank() == 0 else {})
         st.pop("optimizer", None), st.pop("critic_optimizer", None)
         state.update(st)
-        if fu.rank() == 0 and os.path.exists(metrics_path):
-            rows = [l for l in open(metrics_path) if json.loads(l)["step"] <= state["step"]]
-            open(metrics_path, "w").writelines(rows)
+        trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
         state["before"] = evaluate(policy, ref, tok, eval_prompts, cfg, device, builtin)
@@ -367,8 +354,7 @@ def main(cfg: Config):
              "truncated": batch["truncated"].float().mean().item(),
              **{k: sum(v) / len(v) for k, v in stats.items()}}
         if builtin:
-            m["gold_reward"] = sum(data.gold_reward(my_texts[i], data.decode_response(tok, r.tolist()))
-                                   for i, r in zip(idx, batch["response"])) / per_rank
+            m["gold_reward"] = rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
         m = fu.reduce_metrics(m, device)
         m.update({"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                   "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
@@ -393,11 +379,7 @@ def main(cfg: Config):
                "rm/pairwise_accuracy": rm_summary.get("rm/pairwise_accuracy", float("nan")),
                "eval/kl_to_ref": after["kl_to_ref"], "eval/response_len": after["response_len"]}
     if builtin:
-        summary.update({"eval/gold_reward_before": before["gold_reward"], "eval/gold_reward_after": after["gold_reward"],
-                        "eval/gold_reward_stderr": after["gold_reward_stderr"],
-                        "eval/gold_reward_stderr_before": before["gold_reward_stderr"],
-                        "eval/gold_reward_greedy_before": before["gold_reward_greedy"],
-                        "eval/gold_reward_greedy_after": after["gold_reward_greedy"]})
+        summary.update(gold_summary(before, after))
     save_checkpoint(policy, critic, opt, critic_opt, tok, state, ckpt)
     fu.save_hf(policy, tok, cfg.out_dir)
     backbone, head = split_gvm_state(fu.full_state_dict(critic))  # the critic, loadable with gvm.load_gvm
