@@ -337,10 +337,10 @@ def main(cfg: Config):
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "tau_pool": [], "opt_step": 0, "before": None}
     if resume:
-        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else None
-        st = fu.broadcast_object(st)
-        fu.load_full_optim_state_dict(policy, opt, st.pop("optimizer") if fu.rank() == 0 else {})
-        state.update(st)
+        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
+        osd = st.pop("optimizer", {})  # stays on rank 0: sharded out tensor by tensor, not pickled to every rank
+        state.update(fu.broadcast_object(st))  # step, KL β, τ pool
+        fu.load_full_optim_state_dict(policy, opt, osd)
         trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:

@@ -264,11 +264,11 @@ def main(cfg: Config):
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "opt_step": 0, "before": None}
     if resume:
-        st = fu.broadcast_object(torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else None)
-        fu.load_full_optim_state_dict(policy, opt, st.pop("optimizer") if fu.rank() == 0 else {})
-        fu.load_full_optim_state_dict(critic, critic_opt, st.pop("critic_optimizer") if fu.rank() == 0 else {})
-        st.pop("optimizer", None), st.pop("critic_optimizer", None)
-        state.update(st)
+        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
+        osd, critic_osd = st.pop("optimizer", {}), st.pop("critic_optimizer", {})  # stay on rank 0 (see dvpo.py)
+        state.update(fu.broadcast_object(st))  # step, KL β
+        fu.load_full_optim_state_dict(policy, opt, osd)
+        fu.load_full_optim_state_dict(critic, critic_opt, critic_osd)
         trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:

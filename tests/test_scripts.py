@@ -217,3 +217,14 @@ def test_ppo_baseline_resume_equals_uninterrupted(tiny_sft, tiny_gvm, tmp_path):
         fa, fb = load_file(os.path.join(a, sub, name)), load_file(os.path.join(b, sub, name))
         for k in fa:
             assert torch.allclose(fa[k], fb[k], atol=1e-6), (sub, name, k)
+
+
+def test_dvpo_resume_under_torchrun(tiny_sft, tiny_gvm, tmp_path):
+    """Stop after step 1 and resume with 2 FSDP processes: the sharded optimizer state is loaded
+    from rank 0's full copy and training continues to the requested step count."""
+    out = str(tmp_path / "r2")
+    args = ["dvpo.py", "--policy", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out] + DVPO_ARGS
+    run(args + ["--stop_after", "1"], nproc=2)
+    log = run(args + ["--resume"], nproc=2)
+    assert "at step 1" in log
+    assert json.load(open(os.path.join(out, "summary.json")))["train/steps"] == 2
