@@ -55,7 +55,7 @@ class Config:
     warmup_steps: int = 10  # optimizer steps
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # PPO clip ε
-    kl_beta: float = 0.05  # KL penalty β (initial β when kl_target > 0)
+    kl_beta: float = 0.2  # KL penalty β, the paper's (initial β when kl_target > 0)
     kl_target: float = 0.0  # > 0: adaptive β (Ziegler et al. 2019) steering the KL to this value
     kl_horizon: int = 10000
     advantage: str = "td"  # td (GAE on the GVM chain) or paper (BN(Q) + KL-to-go, Eq. 2)

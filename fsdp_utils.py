@@ -232,10 +232,15 @@ def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated on GPU, process peak RSS on CPU."""
+    """Peak bytes: CUDA max allocated on GPU; on CPU the process's peak RSS (VmHWM; not ru_maxrss,
+    which Linux inherits from the parent at fork, so a child of a big process would report its size)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    import resource
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource  # no /proc (not Linux): fall back to the rusage high-water mark
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

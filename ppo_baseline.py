@@ -72,7 +72,7 @@ class Config:
     grad_clip: float = 1.0
     clip_eps: float = 0.2
     value_clip: float = 0.2  # clip range of the value loss (around the rollout-time values)
-    kl_beta: float = 0.05
+    kl_beta: float = 0.2
     kl_target: float = 0.0
     kl_horizon: int = 10000
     gamma: float = 1.0

@@ -1,0 +1,122 @@
+"""bench.py: the analytic memory / FLOPs model on hand-computed values, and smoke runs of the whole
+benchmark on the tiny preset (one process per method, and 2-process torchrun with gloo) that must
+write bench.json with every reported key and positive numbers. No timing is asserted."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch.distributed as dist
+
+import bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+TINY = ["--preset", "tiny", "--repeats", "1", "--warmup", "1", "--steps", "1", "--batch_size", "4",
+        "--minibatch_size", "2", "--micro_batch_size", "1", "--prompt_len", "6", "--response_len", "5",
+        "--ppo_epochs", "2", "--threads", "1"]
+
+
+# ---------------------------------------------------------------- analytic model
+
+def test_bytes_per_param():
+    assert bench.bytes_per_param() == (16, 4)  # fp32 w + grad + AdamW m, v; fp32 frozen
+    assert bench.bytes_per_param(world=8) == (2, 0.5)  # FSDP2 shards all of it
+    assert bench.bytes_per_param(frozen_bytes=2) == (16, 2)
+    assert bench.deepspeed_bytes_per_param(1, 8) == (5.5, 2.0)  # 2 + 2 + 12/8; bf16 frozen, replicated
+    assert bench.deepspeed_bytes_per_param(3, 8) == (2.0, 0.25)
+
+
+def test_model_memory_and_ratio():
+    n = 1_000_000
+    assert bench.model_memory("dvpo", n, n, 16, 4) == 16 * n + 8 * n  # policy trained; ref + GVM frozen
+    assert bench.model_memory("ppo", n, n, 16, 4) == 32 * n + 8 * n  # + critic trained, RM frozen
+    for world in (1, 8):  # (T + 2F) / (2T + 2F) = 24/40, whatever the sharding
+        T, F = bench.bytes_per_param(world)
+        assert bench.model_memory("dvpo", n, n, T, F) / bench.model_memory("ppo", n, n, T, F) == pytest.approx(0.60)
+    assert bench.model_memory("dvpo", n, n, 16, 2) / bench.model_memory("ppo", n, n, 16, 2) == pytest.approx(20 / 36)
+    T, F = bench.deepspeed_bytes_per_param(1, 8)  # the paper's 3B setup: (5.5 + 4) / (11 + 4)
+    assert bench.model_memory("dvpo", n, n, T, F) / bench.model_memory("ppo", n, n, T, F) == pytest.approx(9.5 / 15)
+    a = bench.analytic(n, n, tokens=100, ppo_epochs=4, world=1)
+    assert a["memory_ratio"] == pytest.approx(0.60)
+    assert a["memory_bytes"]["ppo"] == 40 * n
+
+
+def test_step_flops_hand_values():
+    # N = 1 parameter, D = 1 token: forward 2, forward+backward 6
+    assert bench.step_flops("dvpo", 1, 1, 1, 4) == {"generation": 2, "frozen": 6, "policy_fwd_bwd": 24, "critic_fwd_bwd": 0}
+    assert bench.step_flops("ppo", 1, 1, 1, 4) == {"generation": 2, "frozen": 8, "policy_fwd_bwd": 24, "critic_fwd_bwd": 24}
+    f = bench.step_flops("ppo", 10, 3, 7, 2)  # unequal sizes: 2·D·(2Nπ + 2Nv), E·6·N·D
+    assert f == {"generation": 140, "frozen": 2 * 7 * 26, "policy_fwd_bwd": 2 * 6 * 10 * 7, "critic_fwd_bwd": 2 * 6 * 3 * 7}
+
+
+@pytest.mark.parametrize("E, with_gen, without_gen", [(4, 16 / 29, 15 / 28), (1, 7 / 11, 6 / 10), (2, 10 / 17, 9 / 16)])
+def test_time_ratio_formula(E, with_gen, without_gen):
+    """Forward units: DVPO = 1 (generation) + 3 (old, ref, GVM) + 3E, PPO = 1 + 4 (+ RM, critic) + 6E."""
+    a = bench.analytic(5_000, 5_000, tokens=64, ppo_epochs=E, world=1)
+    assert a["time_ratio"] == pytest.approx(with_gen)
+    assert a["time_ratio_excl_generation"] == pytest.approx(without_gen)
+    assert a["phase_ratio"]["frozen"] == pytest.approx(3 / 4)
+    assert a["phase_ratio"]["optimizer"] == pytest.approx(0.5)
+
+
+def test_presets_are_about_their_names():
+    """Per layer 4·H² + 3·H·I (+ norms); with vocab 100 the embeddings are negligible."""
+    blocks = {k: v["num_hidden_layers"] * (4 * v["hidden_size"] ** 2 + 3 * v["hidden_size"] * v["intermediate_size"])
+              for k, v in bench.PRESETS.items() if v}
+    for name, target in (("50m", 50e6), ("150m", 150e6), ("1b", 1.0e9), ("3b", 3.0e9)):
+        assert 0.9 < blocks[name] / target < 1.1, name
+
+
+# ---------------------------------------------------------------- smoke runs
+
+def run_bench(tmp_path, extra=(), launcher=()):
+    out = str(tmp_path / "bench")
+    cmd = [sys.executable, *launcher, os.path.join(ROOT, "bench.py"), *TINY, "--out_dir", out, *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return json.load(open(os.path.join(out, "bench.json"))), p.stdout
+
+
+def check_result(res, stdout):
+    for m in ("dvpo", "ppo"):
+        r = res[m]
+        for k in ("peak_memory_bytes", "peak_memory_raw_bytes", "peak_memory_default_malloc_bytes", "step_time_s",
+                  "step_time_mean_s", "step_cpu_s"):
+            assert r[k] > 0, (m, k)
+        for k in ("generation", "frozen", "policy_fwd_bwd", "optimizer"):
+            assert r["phases"][k] > 0, (m, k)
+        assert len(r["loadavg"]) == 1 and len(r["repeats"]) == 1 and len(r["memory_runs"]) == 1
+    assert res["dvpo"]["phases"]["critic_fwd_bwd"] == 0 < res["ppo"]["phases"]["critic_fwd_bwd"]
+    for k in ("ratio/memory", "ratio/step_time", "ratio/cpu_time", "analytic/memory_ratio", "analytic/time_ratio",
+              "analytic/time_ratio_excl_generation"):
+        assert res[k] > 0, k
+    # E = 2: (1 + 3 + 6) / (1 + 4 + 12); the tiny policy's LM head makes N_π a little larger than N_v
+    assert res["analytic/time_ratio"] == pytest.approx(10 / 17, rel=0.02)
+    assert res["params"]["policy"] > 0 and res["params"]["value"] > 0
+    assert res["preset"] == "tiny" and res["threads"] == 1 and res["device"] == "cpu" and res["torch"]
+    assert "| peak memory, net" in stdout and "| step time, median (s) |" in stdout
+
+
+def test_bench_smoke_tiny(tmp_path):
+    res, stdout = run_bench(tmp_path)
+    check_result(res, stdout)
+    assert res["nproc"] == 1
+    assert res["dvpo"]["repeats"][0]["memory"]["baseline_rss"] > 0
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
+def test_bench_one_measurement_torchrun_two_ranks(tmp_path):
+    """One PPO measurement under torchrun (FSDP2, gloo): every model sharded, peak = max over ranks.
+    (`torchrun ... bench.py` without --method relaunches this per method; checked by hand, ~35 s.)"""
+    path = str(tmp_path / "ppo.json")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(bench.free_port()), os.path.join(ROOT, "bench.py"), *TINY, "--method", "ppo",
+           "--result", path]
+    p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    r = json.load(open(path))
+    assert r["world"] == 2 and r["method"] == "ppo" and r["peak_memory_bytes"] > 0 and r["models_bytes"] > 0
+    assert r["step_times_s"][0] > 0 and r["phases"][0]["critic_fwd_bwd"] > 0
