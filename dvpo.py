@@ -271,6 +271,16 @@ def load_prompts(cfg, tok, trunc: data.TruncationStats):
     return my_texts, my_prompts, eval_prompts, builtin
 
 
+def check_batch_sizes(cfg, world: int, script: str):
+    """Rollout batch -> minibatches -> per-rank micro-batches must divide evenly."""
+    for name in ("batch_size", "minibatch_size"):
+        if getattr(cfg, name) % world:
+            sys.exit(f"{script}: --{name} {getattr(cfg, name)} must be divisible by the {world} processes")
+    mb_rank = cfg.minibatch_size // world
+    if cfg.batch_size % cfg.minibatch_size or mb_rank % min(cfg.micro_batch_size, mb_rank):
+        sys.exit(f"{script}: batch_size must be a multiple of minibatch_size, and minibatch_size/world of micro_batch_size")
+
+
 def trim_metrics(path: str, step: int):
     """On resume: drop metrics.jsonl rows of steps after the checkpoint (they were lost)."""
     if fu.rank() == 0 and os.path.exists(path):
@@ -303,11 +313,7 @@ def main(cfg: Config):
     if cfg.advantage not in ("td", "paper"):
         sys.exit(f"dvpo.py: --advantage must be 'td' or 'paper', got {cfg.advantage!r}")
     world = fu.world()
-    for name in ("batch_size", "minibatch_size"):
-        if getattr(cfg, name) % world:
-            sys.exit(f"dvpo.py: --{name} {getattr(cfg, name)} must be divisible by the {world} processes")
-    if cfg.batch_size % cfg.minibatch_size or (cfg.minibatch_size // world) % min(cfg.micro_batch_size, cfg.minibatch_size // world):
-        sys.exit("dvpo.py: batch_size must be a multiple of minibatch_size, and minibatch_size/world of micro_batch_size")
+    check_batch_sizes(cfg, world, "dvpo.py")
     fu.seed_everything(cfg.seed, per_rank=False)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")

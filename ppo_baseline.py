@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import data
 import fsdp_utils as fu
-from dvpo import (evaluate, frozen_logprobs, gae, gold_summary, kl_controller, load_prompts, masked_batch_norm,
+from dvpo import (check_batch_sizes, evaluate, frozen_logprobs, gae, gold_summary, kl_controller, load_prompts, masked_batch_norm,
                   masked_mean, ppo_clip_loss, rollout, rollout_gold, terminal, trim_metrics)
 from gvm import GVM, load_gvm, pairwise_accuracy, split_gvm_state, value_chain
 from sft import load_policy, lr_at
@@ -221,9 +221,9 @@ def main(cfg: Config):
     if cfg.policy.startswith("out/") and not os.path.exists(cfg.policy):
         sys.exit(f"ppo_baseline.py: {cfg.policy} is missing; run `python sft.py` first")
     world = fu.world()
-    for name in ("batch_size", "minibatch_size", "rm_batch_size"):
-        if getattr(cfg, name) % world:
-            sys.exit(f"ppo_baseline.py: --{name} {getattr(cfg, name)} must be divisible by the {world} processes")
+    check_batch_sizes(cfg, world, "ppo_baseline.py")
+    if cfg.rm_batch_size % world:
+        sys.exit(f"ppo_baseline.py: --rm_batch_size {cfg.rm_batch_size} must be divisible by the {world} processes")
     fu.seed_everything(cfg.seed, per_rank=False)
     os.makedirs(cfg.out_dir, exist_ok=True)
     fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))

@@ -213,3 +213,13 @@ def test_value_loss_clipping():
     # with a huge clip range it is the plain squared error
     loss = ppo_baseline.value_loss_clipped(new, old, ret, mask, clip=100.0, n_tokens=2.0)
     assert loss.item() == pytest.approx(0.5 * (0.25 + 0.01) / 2)
+
+
+def test_ppo_baseline_shares_dvpo_hyperparameter_defaults():
+    """The comparison is only fair if every hyperparameter the two scripts share has one default."""
+    from dataclasses import fields
+    d, p = dvpo.Config(), ppo_baseline.Config()
+    shared = {f.name for f in fields(d)} & {f.name for f in fields(p)} - {"out_dir"}
+    assert {"kl_beta", "lr", "clip_eps", "ppo_epochs", "batch_size", "steps", "lam"} <= shared
+    diff = {n: (getattr(d, n), getattr(p, n)) for n in shared if getattr(d, n) != getattr(p, n)}
+    assert not diff, diff
