@@ -17,9 +17,10 @@ What lives here (plumbing, no RL math):
      {prompt} or {messages}, SFT {prompt, response} or {messages}; an optional `policy` field.
      A malformed record raises `DataError("file:line: field 'x': ...")`, or is skipped and counted
      with skip_bad=True.
-  4. Token layout (DESIGN.md §1): sequence z = x ⊕ y. Logits at position i score z_{i+1}, so the
-     log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k}, k = 0..T.
-     `gather_response` reads these response-aligned slices per row, whatever the padding side.
+  4. Token layout (docs/algorithm.md §1): sequence z = x ⊕ y. Logits at position i score z_{i+1},
+     so the log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k},
+     k = 0..T. `gather_response` reads these response-aligned slices per row, whatever the padding
+     side; `value_chain` is the chain of a value model, `tau_prefix` renders τ (§8).
   5. Sampling with a KV cache (temperature, top-p, cut at the first EOS, truncation flagged).
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 # ----------------------------------------------------------------------------------------------
 # 1. The built-in task: sort digits, with a hidden gold reward
@@ -94,8 +97,6 @@ def builtin_sft_data(n: int, seed: int = 0) -> list[dict]:
 def build_char_tokenizer():
     """Character-level tokenizer over printable ASCII plus \\t and \\n; ids 0/1/2 = pad/eos/unk.
     A standard `PreTrainedTokenizerFast`: save_pretrained / AutoTokenizer.from_pretrained work."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
     for c in ["\t", "\n"] + [chr(i) for i in range(32, 127)]:
@@ -111,8 +112,6 @@ TINY_PRESET = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, 
 
 def build_tiny_model(tokenizer, seed: int = 0, **overrides):
     """A tiny Llama (~0.6M parameters) from a config; no weights are downloaded."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     kw = dict(TINY_PRESET, **overrides)
     cfg = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -242,9 +241,11 @@ def parse_preference(rec, where: str) -> dict:
     elif prompt is None:  # HH-RLHF: split the full transcripts at the last assistant turn
         k, cut_c, cut_r = len(HH_SPLIT), chosen.rfind(HH_SPLIT), rejected.rfind(HH_SPLIT)
         if cut_c < 0:
-            raise DataError(f"{where}: field 'prompt': missing, and '{chosen_key}' has no '\\n\\nAssistant:' turn to split at")
+            raise DataError(f"{where}: field 'prompt': missing, and '{chosen_key}' has no "
+                            "'\\n\\nAssistant:' turn to split at")
         if cut_r < 0 or rejected[:cut_r + k] != chosen[:cut_c + k]:
-            raise DataError(f"{where}: field '{rejected_key}': transcript before the last assistant turn differs from '{chosen_key}'")
+            raise DataError(f"{where}: field '{rejected_key}': transcript before the last assistant turn "
+                            f"differs from '{chosen_key}'")
         prompt, chosen, rejected = chosen[:cut_c + k], chosen[cut_c + k:], rejected[cut_r + k:]
         chosen, rejected = _text(chosen, where, chosen_key), _text(rejected, where, rejected_key)
     if chosen == rejected:
@@ -344,7 +345,8 @@ def encode_prompt(tokenizer, prompt, max_len: int | None = None, stats: Truncati
     return ids
 
 
-def encode_response(tokenizer, response: str, max_len: int | None = None, stats: TruncationStats | None = None) -> list[int]:
+def encode_response(tokenizer, response: str, max_len: int | None = None,
+                    stats: TruncationStats | None = None) -> list[int]:
     """Response ids with no special tokens but one EOS at the end (lost if truncated)."""
     ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if max_len is not None and len(ids) > max_len:
@@ -415,6 +417,24 @@ def gather_response(x: torch.Tensor, start: torch.Tensor, length: int) -> torch.
 def response_mask(response_len: torch.Tensor, length: int) -> torch.Tensor:
     """(B, length) float mask, 1 on the first response_len_b entries of each row."""
     return (torch.arange(length, device=response_len.device)[None, :] < response_len[:, None]).float()
+
+
+def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
+    """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
+    (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain.
+    w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y) (docs/algorithm.md §1)."""
+    T = int(response_len.max())
+    return gather_response(u, prompt_len - 1, T + 1), response_mask(response_len + 1, T + 1)
+
+
+def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, response_len: int) -> list[int]:
+    """The τ prefix (docs/algorithm.md §8): K (prompt ids, response ids) pairs, each prompt cut from
+    the left to prompt_len tokens and each response from the right to response_len, concatenated
+    in order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
+    out = []
+    for p, r in examples:
+        out += p[-prompt_len:] + r[:response_len]
+    return out
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

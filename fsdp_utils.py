@@ -15,12 +15,20 @@ operation) when the process group is not initialized, so `python x.py` and
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
+import resource
 import shutil
 
 import torch
 import torch.distributed as dist
+import transformers
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 def is_dist() -> bool:
@@ -38,7 +46,6 @@ def world() -> int:
 def setup(device: str = "auto") -> torch.device:
     """Initialise the process group if launched by torchrun (RANK in the environment) and return
     this rank's device. device='auto' picks cuda:LOCAL_RANK when CUDA is available, else cpu."""
-    import transformers
     transformers.utils.logging.set_verbosity_error()  # no load reports for the dropped lm_head etc.
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are the progress
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -88,13 +95,12 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | 
     model.to(device)
     if not is_dist():
         return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     mesh = init_device_mesh(device.type, (world(),))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+          else MixedPrecisionPolicy())
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -102,7 +108,6 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | 
 
 
 def fsdp_modules(model: torch.nn.Module) -> list:
-    from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -134,7 +139,6 @@ def full_state_dict(model: torch.nn.Module) -> dict:
     """Full, unsharded fp32 CPU state dict on rank 0 ({} on other ranks). A collective under FSDP."""
     if not fsdp_modules(model):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -143,9 +147,9 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict):
     if not fsdp_modules(model):
         model.load_state_dict(state_dict)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     # a shallow copy: PyTorch replaces the dict's tensors with shards in place on rank 0
-    set_model_state_dict(model, dict(state_dict), options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    set_model_state_dict(model, dict(state_dict),
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
 
 
 @contextlib.contextmanager
@@ -177,9 +181,6 @@ def staged_dir(path: str, replace_dir: bool):
 def write_hf(model, tokenizer, folder: str, state_dict: dict, extra: dict | None = None):
     """Rank 0 writes an HF-format folder: config.json, safetensors weights, tokenizer, and `extra`
     (file name -> state dict as .safetensors, object as .pt, or dict as JSON)."""
-    import json
-
-    from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
     if tokenizer is not None:
@@ -231,6 +232,24 @@ def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
+def current_memory(device: torch.device) -> int:
+    """Bytes in use now: CUDA allocated on GPU; on CPU the process's resident set (VmRSS)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def reset_peak_memory(device: torch.device):
+    """Start a new peak: CUDA's peak counters, or on Linux the process's VmHWM (clear_refs 5), so that
+    e.g. the training steps' peak can be read apart from the loading peak before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def peak_memory(device: torch.device) -> int:
     """Peak bytes: CUDA max allocated on GPU; on CPU the process's peak RSS (VmHWM; not ru_maxrss,
     which Linux inherits from the parent at fork, so a child of a big process would report its size)."""
@@ -240,19 +259,16 @@ def peak_memory(device: torch.device) -> int:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
-    import resource  # no /proc (not Linux): fall back to the rusage high-water mark
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc (not Linux)
 
 
 def parse_config(cls, argv=None):
     """Parse a flat @dataclass Config from the command line (--field value)."""
-    from transformers import HfArgumentParser
-    return HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)[0]
+    return transformers.HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)[0]
 
 
 def write_json(path: str, obj: dict):
     """Rank 0 writes a JSON file (train_config.json, summary.json)."""
-    import json
     if rank() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
@@ -261,7 +277,6 @@ def write_json(path: str, obj: dict):
 
 def append_jsonl(path: str, row: dict):
     """Rank 0 appends one line to metrics.jsonl."""
-    import json
     if rank() == 0:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a") as f:
@@ -277,14 +292,21 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's python object, in rank order, on every rank ([obj] on one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """Full optimizer state on rank 0 (a collective under FSDP), keyed by parameter names."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state_dict: dict):
     """Inverse of full_optim_state_dict: rank 0's full state is broadcast and sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, opt, dict(state_dict),  # a copy, as in load_full_state_dict
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_dist()))

@@ -1,5 +1,6 @@
 """gvm.py — the Global Value Model (GVM): a causal-LM backbone + a linear value head, trained
-offline with TD(λ) on preference data, then frozen for DVPO (paper §3.2, Eq. 1; DESIGN.md §1, §2, §5).
+offline with TD(λ) on preference data, then frozen for DVPO (arXiv:2502.16944v1 §3.2, Eq. (1);
+docs/algorithm.md §1, §2, §8).
 
   1. u_i = head(h_i): one scalar per position; the value chain of a response is w_k = u_{P-1+k},
      k = 0..T (w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y)).
@@ -15,32 +16,34 @@ offline with TD(λ) on preference data, then frozen for DVPO (paper §3.2, Eq. 1
 
 Launch:
   python gvm.py                                  # built-in task: pairs sampled from out/sft -> out/gvm
-  python gvm.py --data prefs.jsonl --init <sft path> --out_dir out/gvm_real
-  torchrun --nproc_per_node 8 gvm.py --data prefs.jsonl --init <sft path>
+  python gvm.py --data prefs.jsonl --model <sft path> --out_dir out/gvm_real
+  torchrun --nproc_per_node 8 gvm.py --data prefs.jsonl --model <sft path>
   python gvm.py --explain --gvm out/gvm --prompt "52817:" --response "12578"
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from transformers import AutoModelForCausalLM
 from tqdm import tqdm
 
 import data
 import fsdp_utils as fu
+import train_utils as tu
+
+GVM_CONFIG = "gvm_config.json"  # written beside the backbone: γ, λ, τ settings, reward kind, value scale
 
 
 @dataclass
 class Config:
-    init: str = "out/sft"  # backbone initialization: the SFT policy (hub id or path)
-    data: str = ""  # preference or scored JSONL/JSON file; empty = built-in task sampled from --init
+    model: str = "out/sft"  # backbone initialization: the SFT policy (hub id or path)
+    data: str = ""  # preference or scored JSONL/JSON file; empty = built-in task sampled from --model
     data_kind: str = "preference"  # preference ({prompt, chosen, rejected} ...) or scored ({prompt, response, score})
     eval_data: str = ""  # held-out file of the same kind; empty = split eval_frac off --data
     eval_frac: float = 0.05
@@ -59,7 +62,7 @@ class Config:
     max_prompt_len: int = 512
     max_response_len: int = 512
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
-    # built-in task: pairs sampled from --init at these temperatures, one `policy` per temperature
+    # built-in task: pairs sampled from --model at these temperatures, one `policy` per temperature
     builtin_prompts: int = 16000  # train prompts per sampler (each gives one pair)
     builtin_eval_prompts: int = 1000  # held-out prompts per sampler
     builtin_temperatures: str = "1.0,1.5"
@@ -74,68 +77,16 @@ class Config:
     device: str = "auto"
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: backbone + zero-initialised linear value head
-
-class GVM(nn.Module):
-    """Causal-LM backbone (AutoModel, no LM head) + nn.Linear(H, 1). forward -> u: (B, L)."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
-        nn.init.zeros_(self.value_head.weight)  # starts at 0 everywhere: no prior on the values
-        nn.init.zeros_(self.value_head.bias)
-
-    def forward(self, input_ids, attention_mask):
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=data.position_ids(attention_mask)).last_hidden_state  # (B, L, H)
-        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
-
-
-def load_gvm(path: str, device, dtype=torch.float32):
-    """(gvm, tokenizer, gvm_config) from a folder written by save_gvm. Frozen callers should call
-    .requires_grad_(False).eval() and shard it like the policy."""
-    from safetensors.torch import load_file
-    from transformers import AutoModel, AutoTokenizer
-    for name in ("config.json", "value_head.safetensors", "gvm_config.json"):
-        if not os.path.exists(os.path.join(path, name)):
-            raise FileNotFoundError(f"{path}: not a GVM folder (missing {name}); train one with `python gvm.py`")
-    model = GVM(AutoModel.from_pretrained(path, dtype=dtype))
-    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
-    model.to(dtype)
-    with open(os.path.join(path, "gvm_config.json")) as f:
-        gcfg = json.load(f)
-    return model.to(device), AutoTokenizer.from_pretrained(path), gcfg
-
-
-def split_gvm_state(sd: dict) -> tuple[dict, dict]:
-    """Full GVM state dict -> (backbone state dict, value head state dict)."""
-    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
-    return backbone, head
-
-
-def save_gvm(model: GVM, tokenizer, path: str, gvm_config: dict):
-    """Backbone in HF format (safetensors) + value_head.safetensors + gvm_config.json + tokenizer.
-    A collective under FSDP: every rank calls it, rank 0 writes."""
-    backbone, head = split_gvm_state(fu.full_state_dict(model))
-    fu.save_hf(model.backbone, tokenizer, path, state_dict=backbone,
-               extra={"value_head.safetensors": head, "gvm_config.json": gvm_config})
+def load_gvm(path: str):
+    """(value model, tokenizer, gvm_config) of a trained GVM folder."""
+    return tu.load_value_model(path, GVM_CONFIG, "train a GVM with `python gvm.py`")
 
 
 # ----------------------------------------------------------------------------------------------
-# Pure functions: value chain, λ-returns, loss, τ prefix
-
-def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
-    """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
-    (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain."""
-    T = int(response_len.max())
-    return data.gather_response(u, prompt_len - 1, T + 1), data.response_mask(response_len + 1, T + 1)
-
+# Pure functions: λ-returns and the TD loss (docs/algorithm.md §2)
 
 def td_lambda_targets(w: torch.Tensor, R: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
-    """λ-returns over the value chain (DESIGN.md §2; paper Eq. 1 is λ = 0).
+    """λ-returns over the value chain (docs/algorithm.md §2; arXiv:2502.16944v1 Eq. (1) is λ = 0).
     w: (B, K) chain values (no grad), R: (B,) terminal reward, mask: (B, K) valid entries, each
     row valid on a prefix 0..T_b. Returns G (B, K), zero where mask == 0:
         G_{T_b} = R_b,   G_k = γ((1-λ) w_{k+1} + λ G_{k+1})  for k < T_b."""
@@ -155,21 +106,6 @@ def gvm_loss(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, n_valid: floa
     """½ Σ mask·(w - G)² / n_valid: with n_valid the valid-entry count of the global batch, this is
     the global token mean. (Under FSDP gradients are averaged over ranks: scale by world size.)"""
     return 0.5 * (mask * (w - G) ** 2).sum() / n_valid
-
-
-def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, response_len: int) -> list[int]:
-    """The τ prefix (DESIGN.md §5): K (prompt ids, response ids) pairs, each prompt cut from the left
-    to prompt_len tokens and each response from the right to response_len, concatenated in
-    order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
-    out = []
-    for p, r in examples:
-        out += p[-prompt_len:] + r[:response_len]
-    return out
-
-
-def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of pairs with a > b; ties count one half."""
-    return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,7 +162,7 @@ def draw_tau(i: int, e: dict, pools: dict, K: int, rng: random.Random, cfg: Conf
         j, p, r = pool[rng.randrange(len(pool))]
         if j != i and p != e["prompt"]:
             picks.append((p, r))
-    return tau_prefix(picks, cfg.tau_prompt_len, cfg.tau_response_len)
+    return data.tau_prefix(picks, cfg.tau_prompt_len, cfg.tau_response_len)
 
 
 def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg: Config, rng, pad_id: int, R_of):
@@ -258,10 +194,11 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
     rng = random.Random(cfg.seed + 7)  # fixed τ draws: the same evaluation every time
     finals, means, pcts, td = [], [], {q: [] for q in (1, 5, 10, 90, 95, 99)}, [0.0, 0.0]
     for s in range(0, len(examples), batch_size):
-        batch = make_batch(examples, list(range(s, min(s + batch_size, len(examples)))), kind, pools, cfg, rng, pad_id, R_of)
+        idx = list(range(s, min(s + batch_size, len(examples))))
+        batch = make_batch(examples, idx, kind, pools, cfg, rng, pad_id, R_of)
         batch = {k: v.to(device) for k, v in batch.items()}
         u = model(batch["input_ids"], batch["attention_mask"]).float()
-        w, mask = value_chain(u, batch["prompt_len"], batch["response_len"])
+        w, mask = data.value_chain(u, batch["prompt_len"], batch["response_len"])
         G = td_lambda_targets(w, batch["R"], mask, cfg.gamma, cfg.lam)
         td[0] += 0.5 * (mask * (w - G) ** 2).sum().item()
         td[1] += mask.sum().item()
@@ -275,12 +212,13 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
     if kind == "preference":  # rows alternate chosen, rejected
         table = {"final": torch.cat(finals), "mean": torch.cat(means)}
         table.update({f"P{q}": torch.cat(v) for q, v in pcts.items()})
-        acc = {name: pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
+        acc = {name: tu.pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
         out["eval/pairwise_accuracy"] = acc["final"]
         out["eval/pairwise_accuracy_table"] = acc
         for pol in sorted({e["policy"] for e in examples if e["policy"] is not None}):
             sel = torch.tensor([e["policy"] == pol for e in examples])
-            out[f"eval/pairwise_accuracy/{pol}"] = pairwise_accuracy(table["final"][0::2][sel], table["final"][1::2][sel])
+            out[f"eval/pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(table["final"][0::2][sel],
+                                                                     table["final"][1::2][sel])
         out["eval/value_chosen_mean"] = table["final"][0::2].mean().item()
         out["eval/value_rejected_mean"] = table["final"][1::2].mean().item()
     return out
@@ -291,14 +229,15 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
 
 def explain(cfg: Config):
     device = fu.setup(cfg.device)
-    model, tok, gcfg = load_gvm(cfg.gvm, device)
+    model, tok, gcfg = load_gvm(cfg.gvm)
+    model.to(device).eval()
     if gcfg.get("tau_k", 0):
         print(f"note: this GVM was trained with tau_k={gcfg['tau_k']}; explaining without τ context")
     p, r = data.encode_prompt(tok, cfg.prompt), data.encode_response(tok, cfg.response)
     batch = {k: v.to(device) for k, v in data.collate_right([p], [r], tok.pad_token_id).items()}
     with torch.inference_mode():
-        w, _ = value_chain(model.eval()(batch["input_ids"], batch["attention_mask"]).float(),
-                           batch["prompt_len"], batch["response_len"])
+        u = model(batch["input_ids"], batch["attention_mask"]).float()
+        w, _ = data.value_chain(u, batch["prompt_len"], batch["response_len"])
     w = w[0].tolist()
     print(f"prompt {cfg.prompt!r}: w_0 = V(prompt) = {w[0]:+.3f}")
     print(f"{'t':>3}  {'token':<12} {'w_t':>8} {'w_t - w_t-1':>12}")
@@ -312,32 +251,18 @@ def explain(cfg: Config):
 
 
 # ----------------------------------------------------------------------------------------------
-# main: the recipe
+# Data loading for main: rows, held-out split, terminal rewards
 
-def main(cfg: Config):
-    if cfg.explain:
-        return explain(cfg)
-    device = fu.setup(cfg.device)
-    fu.seed_everything(cfg.seed, per_rank=False)  # same head init and data order on every rank
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if fu.rank() == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    if not os.path.exists(cfg.init) and not cfg.data:
-        sys.exit(f"gvm.py: no SFT policy at {cfg.init!r}; run `python sft.py` first (or pass --init)")
-    tok = AutoTokenizer.from_pretrained(cfg.init)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-
-    # 1. data: preference pairs (R = ±1) or scored rows (R = score), a held-out split, τ pools
+def load_rows(cfg: Config, tok, device) -> tuple[str, list, list]:
+    """(kind, training rows, held-out rows) from --data (and --eval_data or a split of it), or
+    sampled on the built-in task. Writes the exact rows used, so ppo_baseline.py's reward model
+    can train on the same pairs and split."""
     kind = cfg.data_kind
     if kind not in ("preference", "scored"):
         sys.exit(f"gvm.py: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
     if not cfg.data:
         kind = "preference"
-        policy = AutoModelForCausalLM.from_pretrained(cfg.init).to(device).eval()
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
         rows = build_builtin_pairs(cfg, policy, tok, device)
         train_rows, eval_rows = rows["train"], rows["eval"]
         del policy
@@ -353,10 +278,29 @@ def main(cfg: Config):
             eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
     if not train_rows or not eval_rows:
         sys.exit(f"gvm.py: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)}")
-    if fu.rank() == 0:  # the exact pairs (and split) that ppo_baseline.py's reward model trains on
+    if fu.rank() == 0:
         for split, rs in (("train", train_rows), ("eval", eval_rows)):
-            with open(os.path.join(cfg.out_dir, f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"), "w") as f:
+            name = f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"
+            with open(os.path.join(cfg.out_dir, name), "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rs)
+    return kind, train_rows, eval_rows
+
+
+# ----------------------------------------------------------------------------------------------
+# main: the recipe
+
+def main(cfg: Config):
+    if cfg.explain:
+        return explain(cfg)
+    device = fu.setup(cfg.device)
+    fu.seed_everything(cfg.seed, per_rank=False)  # same head init and data order on every rank
+    metrics_path = tu.start_metrics(cfg.out_dir, cfg)
+    if not os.path.exists(cfg.model) and not cfg.data:
+        sys.exit(f"gvm.py: no SFT policy at {cfg.model!r}; run `python sft.py` first (or pass --model)")
+    tok = tu.load_tokenizer(cfg.model)
+
+    # 1. data: preference pairs (R = ±1) or scored rows (R = score), a held-out split, τ pools
+    kind, train_rows, eval_rows = load_rows(cfg, tok, device)
     trunc = data.TruncationStats()
     train, held = encode_rows(train_rows, kind, tok, cfg, trunc), encode_rows(eval_rows, kind, tok, cfg, trunc)
     fu.print0(f"{len(train)} training and {len(held)} held-out {kind} rows; {trunc.summary()}")
@@ -373,8 +317,9 @@ def main(cfg: Config):
                 sys.exit(f"gvm.py: policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
 
     # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
-    model = GVM(AutoModel.from_pretrained(cfg.init, dtype=torch.float32))
-    longest = max(len(e["prompt"]) + max(len(e[k]) for k in e if k in ("chosen", "rejected", "response")) for e in train + held)
+    model = tu.new_value_model(cfg.model)
+    longest = max(len(e["prompt"]) + max(len(e[k]) for k in e if k in ("chosen", "rejected", "response"))
+                  for e in train + held)
     data.check_context(longest + cfg.tau_k * (cfg.tau_prompt_len + cfg.tau_response_len), model.backbone.config,
                        "τ + prompt + response")
     model = fu.shard(model, device)
@@ -384,7 +329,6 @@ def main(cfg: Config):
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         sys.exit(f"gvm.py: {len(train)} training rows is fewer than one batch of {cfg.batch_size}")
-    from sft import lr_at
     rng, t0, step = random.Random(cfg.seed), time.time(), 0
     bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
     for epoch in range(cfg.epochs):
@@ -396,15 +340,15 @@ def main(cfg: Config):
             batch = {k: v.to(device) for k, v in batch.items()}
 
             # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
-            #    same network" of DESIGN.md §2: same weights, same batch, no dropout -> same numbers)
+            #    same network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
             u = model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
-            w, mask = value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
-            G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # DVPO Eq. (1), λ-return
+            w, mask = data.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+            G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
             n_valid = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global count of chain entries
             loss = gvm_loss(w, G, mask, n_valid) * fu.world()  # FSDP averages grads over ranks
 
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg.warmup_steps, cfg.lr)
+                g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
@@ -412,8 +356,8 @@ def main(cfg: Config):
 
             if step % cfg.log_every == 0 or step == total - 1:
                 m = fu.reduce_metrics({"train/td_loss": loss.item()}, device)  # mean of rank shares × world = sum
-                m.update({"step": step, "epoch": epoch, "train/grad_norm": gnorm, "train/lr": opt.param_groups[0]["lr"],
-                          "time/seconds": time.time() - t0})
+                m.update({"step": step, "epoch": epoch, "train/grad_norm": gnorm,
+                          "train/lr": opt.param_groups[0]["lr"], "time/seconds": time.time() - t0})
                 fu.append_jsonl(metrics_path, m)
                 bar.set_postfix(td_loss=f"{m['train/td_loss']:.4f}")
             bar.update(1)
@@ -427,15 +371,14 @@ def main(cfg: Config):
                "train/steps": total, "train/seconds": time.time() - t0, "tau_k": cfg.tau_k, **ev}
     if "gold_chosen" in eval_rows[0]:
         g = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in eval_rows])
-        summary["eval/gold_pairwise_accuracy"] = pairwise_accuracy(g[:, 0], g[:, 1])
+        summary["eval/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
         for pol in sorted({r["policy"] for r in eval_rows}):  # per sampler, so τ's effect is visible
             sel = [i for i, r in enumerate(eval_rows) if r["policy"] == pol]
-            summary[f"eval/gold_pairwise_accuracy/{pol}"] = pairwise_accuracy(g[sel, 0], g[sel, 1])
+            summary[f"eval/gold_pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(g[sel, 0], g[sel, 1])
     gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
             "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd}
-    save_gvm(model, tok, cfg.out_dir, gcfg)
-    fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, (int, float))))
+    tu.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)
+    tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:
         fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in summary["eval/pairwise_accuracy_table"].items()))

@@ -1,7 +1,8 @@
 """ppo_baseline.py — standard RLHF, the baseline DVPO is compared against: a Bradley-Terry reward
-model, then actor-critic PPO with GAE (DESIGN.md §4). Same rollout, clipped policy loss,
-normalization, hyperparameters and logging as dvpo.py (imported from it), so the only differences
-are the ones the paper claims matter: a reward model instead of a GVM, and a trained critic.
+model, then actor-critic PPO with GAE (docs/algorithm.md §6). Same rollout, clipped policy loss,
+normalization, hyperparameters and logging as dvpo.py (the algorithm pieces are imported from it),
+so the only differences are the ones the paper (arXiv:2502.16944v1) claims matter: a reward model
+instead of a GVM, and a trained critic.
 
   Stage rm (Bradley-Terry, on exactly the GVM's preference pairs and split):
     1. r(x, y) = head(h) at the last response token (the terminal entry of the value chain).
@@ -18,18 +19,17 @@ are the ones the paper claims matter: a reward model instead of a GVM, and a tra
 Launch:
   python ppo_baseline.py                       # built-in task: RM on out/gvm's pairs, PPO -> out/ppo
   python ppo_baseline.py --stage rm            # only the reward model -> out/ppo/rm
-  python ppo_baseline.py --policy <path> --pairs prefs.jsonl --prompts prompts.jsonl
-  torchrun --nproc_per_node 8 ppo_baseline.py --policy <path> --pairs prefs.jsonl --prompts prompts.jsonl
+  python ppo_baseline.py --model <path> --data prefs.jsonl --prompts prompts.jsonl
+  torchrun --nproc_per_node 8 ppo_baseline.py --model <path> --data prefs.jsonl --prompts prompts.jsonl
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,18 +37,18 @@ from tqdm import tqdm
 
 import data
 import fsdp_utils as fu
-from dvpo import (check_batch_sizes, evaluate, frozen_logprobs, gae, gold_summary, kl_controller, load_prompts, masked_batch_norm,
-                  masked_mean, ppo_clip_loss, rollout, rollout_gold, terminal, trim_metrics)
-from gvm import GVM, load_gvm, pairwise_accuracy, split_gvm_state, value_chain
-from sft import load_policy, lr_at
+import train_utils as tu
+from dvpo import BATCH_KEYS, gae, kl_controller, masked_batch_norm, masked_mean, ppo_clip_loss, terminal
+
+RM_CONFIG, CRITIC_CONFIG = "rm_config.json", "critic_config.json"
 
 
 @dataclass
 class Config:
     stage: str = "all"  # rm | ppo | all (rm, then ppo)
-    policy: str = "out/sft"  # initial policy, reference, and RM/critic backbone initialization
-    pairs: str = ""  # preference file for the RM; empty = out/gvm/pairs_train.jsonl (the GVM's pairs)
-    eval_pairs: str = ""  # held-out pairs; empty = out/gvm/pairs_eval.jsonl (or eval_frac of --pairs)
+    model: str = "out/sft"  # initial policy, reference, and RM/critic backbone initialization
+    data: str = ""  # preference file for the RM; empty = out/gvm/pairs_train.jsonl (the GVM's pairs)
+    eval_data: str = ""  # held-out pairs; empty = out/gvm/pairs_eval.jsonl (or eval_frac of --data)
     eval_frac: float = 0.05
     rm: str = ""  # trained reward model folder for --stage ppo; empty = out_dir/rm
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
@@ -115,18 +115,23 @@ def value_loss_clipped(values, old_values, returns, mask, clip: float, n_tokens:
 # ----------------------------------------------------------------------------------------------
 # Stage rm: Bradley-Terry reward model on the GVM's pairs
 
+def load_reward_model(path: str):
+    """(value model, tokenizer, rm_config) of a trained reward model folder."""
+    return tu.load_value_model(path, RM_CONFIG, "train one with `python ppo_baseline.py --stage rm`")
+
+
 def load_pairs(cfg: Config):
-    """(train rows, held-out rows): --pairs/--eval_pairs, or the exact pairs gvm.py trained on."""
-    if not cfg.pairs:
+    """(train rows, held-out rows): --data/--eval_data, or the exact pairs gvm.py trained on."""
+    if not cfg.data:
         train_path, eval_path = "out/gvm/pairs_train.jsonl", "out/gvm/pairs_eval.jsonl"
         if not os.path.exists(train_path):
             sys.exit("ppo_baseline.py: out/gvm/pairs_train.jsonl is missing; run `python gvm.py` first "
-                     "(the reward model trains on exactly the GVM's pairs), or pass --pairs")
-        return [json.loads(l) for l in open(train_path)], [json.loads(l) for l in open(eval_path)]
-    rows, stats = data.load_records(cfg.pairs, "preference", cfg.skip_bad)
+                     "(the reward model trains on exactly the GVM's pairs), or pass --data")
+        return [json.loads(line) for line in open(train_path)], [json.loads(line) for line in open(eval_path)]
+    rows, stats = data.load_records(cfg.data, "preference", cfg.skip_bad)
     fu.print0(stats.summary())
-    if cfg.eval_pairs:
-        held, stats = data.load_records(cfg.eval_pairs, "preference", cfg.skip_bad)
+    if cfg.eval_data:
+        held, stats = data.load_records(cfg.eval_data, "preference", cfg.skip_bad)
         fu.print0(stats.summary())
         return rows, held
     random.Random(cfg.seed).shuffle(rows)
@@ -145,29 +150,19 @@ def pair_batch(rows: list[dict], tok, cfg: Config, trunc) -> dict:
     return data.collate_right(prompts, responses, tok.pad_token_id)
 
 
-def critic_values(critic, batch: dict, T: int) -> torch.Tensor:
-    """V_t = V(s_t) for t = 1..T: the critic's value at the last token of s_t = x ⊕ y_<t, i.e. at
-    position P+t-2 (the value chain's w_{t-1}); a fixed width T for every micro-batch. (B, T)"""
-    u = critic(batch["input_ids"], batch["attention_mask"]).float()
-    return data.gather_response(u, batch["prompt_len"] - 1, T)
-
-
 def scores(model, batch: dict, device) -> torch.Tensor:
     """r(x, y): the model's value at the last response token, (B,)."""
-    b = {k: v.to(device) for k, v in batch.items()}
-    w, mask = value_chain(model(b["input_ids"], b["attention_mask"]).float(), b["prompt_len"], b["response_len"])
-    return terminal(w, mask)
+    b = {k: batch[k].to(device) for k in BATCH_KEYS}
+    u = model(b["input_ids"], b["attention_mask"]).float()
+    return terminal(*data.value_chain(u, b["prompt_len"], b["response_len"]))
 
 
 def train_rm(cfg: Config, device) -> str:
-    from transformers import AutoModel, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(cfg.policy)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = tu.load_tokenizer(cfg.model)
     train, held = load_pairs(cfg)
     trunc = data.TruncationStats()
     fu.print0(f"reward model: {len(train)} training pairs, {len(held)} held out")
-    model = fu.shard(GVM(AutoModel.from_pretrained(cfg.policy, dtype=torch.float32)), device)
+    model = fu.shard(tu.new_value_model(cfg.model), device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
     per_epoch = len(train) // cfg.rm_batch_size
     total, rng, step, t0 = per_epoch * cfg.rm_epochs, random.Random(cfg.seed), 0, time.time()
@@ -184,7 +179,7 @@ def train_rm(cfg: Config, device) -> str:
             r = scores(model, pair_batch([train[i] for i in idx], tok, cfg, trunc), device)
             loss = bt_loss(r[0::2], r[1::2]).sum() / cfg.rm_batch_size * fu.world()  # global pair mean
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, 10, cfg.rm_lr)
+                g["lr"] = tu.lr_at(step, total, 10, cfg.rm_lr)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             fu.grad_norm_clip(model, cfg.grad_clip)
@@ -200,15 +195,88 @@ def train_rm(cfg: Config, device) -> str:
     with torch.no_grad():  # replicated on every rank: held-out sets are small
         r = torch.cat([scores(model, pair_batch(held[i:i + 128], tok, cfg, trunc), device).cpu()
                        for i in range(0, len(held), 128)])
-    summary = {"rm/pairwise_accuracy": pairwise_accuracy(r[0::2], r[1::2]), "rm/pairs": len(train),
+    summary = {"rm/pairwise_accuracy": tu.pairwise_accuracy(r[0::2], r[1::2]), "rm/pairs": len(train),
                "rm/eval_pairs": len(held), "rm/seconds": time.time() - t0}
     if "gold_chosen" in held[0]:
         g = torch.tensor([[h["gold_chosen"], h["gold_rejected"]] for h in held])
-        summary["rm/gold_pairwise_accuracy"] = pairwise_accuracy(g[:, 0], g[:, 1])
-    from gvm import save_gvm
-    save_gvm(model, tok, out, {"reward": "bradley_terry", **summary})
+        summary["rm/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
+    tu.save_value_model(model, tok, out, RM_CONFIG, {"reward": "bradley_terry", **summary})
     fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items()) + f" | trunc: {trunc.summary()}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The step: score a rollout with the frozen models and the critic, then update policy and critic
+
+def critic_values(critic, batch: dict, T: int) -> torch.Tensor:
+    """V_t = V(s_t) for t = 1..T: the critic's value at the last token of s_t = x ⊕ y_<t, i.e. at
+    position P+t-2 (the value chain's w_{t-1}); a fixed width T for every micro-batch. (B, T)"""
+    u = critic(batch["input_ids"], batch["attention_mask"]).float()
+    return data.gather_response(u, batch["prompt_len"] - 1, T)
+
+
+def score(policy, ref, rm, critic, batch: dict, beta: float, cfg: Config, device) -> dict:
+    """Steps 3-4: the frozen forwards and the critic's old values, once per rollout batch, the KL
+    penalty, GAE and the returns. Returns mask, old_logp, kl, old_values, returns, adv (B, T) and
+    the RM score (B,)."""
+    T = batch["response"].shape[1]
+    mask = data.response_mask(batch["response_len"], T)  # (B, T)
+    old_logp = tu.frozen_logprobs(policy, batch, T, cfg.temperature)
+    ref_logp = tu.frozen_logprobs(ref, batch, T, cfg.temperature)
+    with torch.inference_mode():  # PPO only: the reward model
+        rm_score = scores(rm, batch, device).clone()  # r(x, y), (B,)
+        fu.reshard(rm)
+    with torch.no_grad():  # PPO only: the critic is trained, so no_grad, not inference_mode (tu.frozen_logprobs)
+        old_values = critic_values(critic, batch, T) * mask  # V_t = w_{t-1}
+        fu.reshard(critic)
+    kl = (old_logp - ref_logp) * mask  # k1 estimator
+    r_kl = -beta * kl
+    adv_raw = ppo_advantages(old_values, rm_score, r_kl, mask, cfg.gamma, cfg.lam)
+    returns = (adv_raw + old_values) * mask
+    return {"mask": mask, "old_logp": old_logp, "kl": kl, "score": rm_score, "old_values": old_values,
+            "returns": returns, "adv": masked_batch_norm(adv_raw, mask)}
+
+
+def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, step: int,
+           opt_step: int) -> tuple[dict, int]:
+    """Step 5: E epochs × minibatches × micro-batches of the clipped policy loss, and (PPO only)
+    the critic's clipped value loss. Returns the step's mean stats and the new optimizer-step count."""
+    world = fu.world()
+    per_rank, mb_rank = cfg.batch_size // world, cfg.minibatch_size // world
+    micro, mask, T = min(cfg.micro_batch_size, mb_rank), sc["mask"], sc["mask"].shape[1]
+    total = cfg.steps * cfg.ppo_epochs * (per_rank // mb_rank)  # optimizer steps of the run (LR schedule)
+    stats = {"clipfrac": [], "approx_kl": [], "entropy": [], "grad_norm": [], "value_loss": [], "critic_grad_norm": []}
+    for epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(per_rank, generator=torch.Generator().manual_seed(step * 31 + epoch))
+        for mb in range(0, per_rank, mb_rank):
+            mb_idx = perm[mb:mb + mb_rank]
+            n_tokens = fu.all_reduce_sum(mask[mb_idx].sum().detach().clone()).item()  # global minibatch tokens
+            lr_now = tu.lr_at(opt_step, total, cfg.warmup_steps, 1.0)
+            for o, base in ((opt, cfg.lr), (critic_opt, cfg.critic_lr)):
+                for g in o.param_groups:
+                    g["lr"] = base * lr_now
+            opt.zero_grad(set_to_none=True)
+            critic_opt.zero_grad(set_to_none=True)
+            for mi in range(0, mb_rank, micro):
+                i = mb_idx[mi:mi + micro].to(mask.device)
+                sub = {k: batch[k][i] for k in BATCH_KEYS}
+                logp, entropy = data.response_logprobs(policy, sub, T, cfg.temperature)
+                loss, s = ppo_clip_loss(logp, sc["old_logp"][i], sc["adv"][i], mask[i], cfg.clip_eps, n_tokens)
+                (loss * world).backward()  # FSDP averages gradients over ranks: undo it
+                values = critic_values(critic, sub, T)  # PPO only: the value loss
+                vloss = value_loss_clipped(values, sc["old_values"][i], sc["returns"][i], mask[i], cfg.value_clip,
+                                           n_tokens)
+                (vloss * world).backward()
+                stats["clipfrac"].append(s["clipfrac"])
+                stats["approx_kl"].append(s["approx_kl"])
+                stats["entropy"].append(masked_mean(entropy.detach(), mask[i]).item())
+                stats["value_loss"].append(vloss.item() * world)
+            stats["grad_norm"].append(fu.grad_norm_clip(policy, cfg.grad_clip))
+            stats["critic_grad_norm"].append(fu.grad_norm_clip(critic, cfg.grad_clip))
+            opt.step()
+            critic_opt.step()
+            opt_step += 1
+    return {k: sum(v) / len(v) for k, v in stats.items()}, opt_step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,35 +286,30 @@ def main(cfg: Config):
     device = fu.setup(cfg.device)
     if cfg.stage not in ("rm", "ppo", "all"):
         sys.exit(f"ppo_baseline.py: --stage must be rm, ppo or all, got {cfg.stage!r}")
-    if cfg.policy.startswith("out/") and not os.path.exists(cfg.policy):
-        sys.exit(f"ppo_baseline.py: {cfg.policy} is missing; run `python sft.py` first")
-    world = fu.world()
-    check_batch_sizes(cfg, world, "ppo_baseline.py")
-    if cfg.rm_batch_size % world:
-        sys.exit(f"ppo_baseline.py: --rm_batch_size {cfg.rm_batch_size} must be divisible by the {world} processes")
+    if cfg.model.startswith("out/") and not os.path.exists(cfg.model):
+        sys.exit(f"ppo_baseline.py: {cfg.model} is missing; run `python sft.py` first")
+    tu.check_batch_sizes(cfg, fu.world(), "ppo_baseline.py")
+    if cfg.rm_batch_size % fu.world():
+        sys.exit(f"ppo_baseline.py: --rm_batch_size {cfg.rm_batch_size} must be divisible by the "
+                 f"{fu.world()} processes")
     fu.seed_everything(cfg.seed, per_rank=False)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))
     rm_path = cfg.rm or os.path.join(cfg.out_dir, "rm")
-    if cfg.stage in ("rm", "all"):
+    if cfg.stage in ("rm", "all"):  # PPO only: the reward model, trained first
         rm_path = train_rm(cfg, device)
         if cfg.stage == "rm":
             fu.cleanup()
-            return json.load(open(os.path.join(rm_path, "gvm_config.json")))
-    if not os.path.exists(os.path.join(rm_path, "gvm_config.json")):
-        sys.exit(f"ppo_baseline.py: no reward model at {rm_path}; run `python ppo_baseline.py --stage rm` first")
-    rm_summary = json.load(open(os.path.join(rm_path, "gvm_config.json")))
+            return json.load(open(os.path.join(rm_path, RM_CONFIG)))
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
     resume = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if fu.rank() == 0 and os.path.exists(metrics_path) and not resume:
-        os.remove(metrics_path)
+    metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
     # models: trained policy and critic (PPO only: the critic), frozen reference and reward model
-    policy, tok = load_policy(ckpt if resume else cfg.policy, device)
-    ref, _ = load_policy(cfg.policy, device)
-    rm, _, _ = load_gvm(rm_path, device)
-    critic, _, _ = load_gvm(os.path.join(ckpt, "critic") if resume else rm_path, device)  # PPO only
+    policy, tok = tu.load_policy(ckpt if resume else cfg.model)
+    ref, _ = tu.load_policy(cfg.model)
+    rm, _, rm_config = load_reward_model(rm_path)
+    critic, _, _ = (tu.load_value_model(os.path.join(ckpt, "critic"), CRITIC_CONFIG, "a broken checkpoint") if resume
+                    else load_reward_model(rm_path))  # PPO only: the critic starts as the reward model
     for frozen in (ref, rm):
         frozen.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
@@ -259,24 +322,20 @@ def main(cfg: Config):
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)  # PPO only
 
     # prompts: each rank reads its own shard
-    my_texts, my_prompts, eval_prompts, builtin = load_prompts(cfg, tok, data.TruncationStats())
+    my_texts, my_prompts, eval_prompts, builtin = tu.load_prompts(cfg, tok, data.TruncationStats())
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "opt_step": 0, "before": None}
+    trained = {"policy": (policy, opt), "critic": (critic, critic_opt)}
     if resume:
-        st = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
-        osd, critic_osd = st.pop("optimizer", {}), st.pop("critic_optimizer", {})  # stay on rank 0 (see dvpo.py)
-        state.update(fu.broadcast_object(st))  # step, KL β
-        fu.load_full_optim_state_dict(policy, opt, osd)
-        fu.load_full_optim_state_dict(critic, critic_opt, critic_osd)
-        trim_metrics(metrics_path, state["step"])
+        tu.load_checkpoint(ckpt, state, trained)
+        tu.trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
-        state["before"] = evaluate(policy, ref, tok, eval_prompts, cfg, device, builtin)
+        state["before"] = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
     fu.print0("before: " + " | ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
 
-    per_rank, mb_rank = cfg.batch_size // world, cfg.minibatch_size // world
-    micro = min(cfg.micro_batch_size, mb_rank)
+    per_rank = cfg.batch_size // fu.world()
     t_start = time.time()
     bar = tqdm(range(state["step"], cfg.steps), desc="ppo", disable=fu.rank() != 0,
                initial=state["step"], total=cfg.steps)
@@ -286,123 +345,60 @@ def main(cfg: Config):
         idx = [(step * per_rank + i) % len(my_prompts) for i in range(per_rank)]
 
         # 1. rollout
-        batch = rollout(policy, [my_prompts[i] for i in idx], tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen, device)
+        batch = tu.rollout(policy, [my_prompts[i] for i in idx], tok, cfg.max_new_tokens, cfg.temperature,
+                           cfg.top_p, gen, device)
         t_gen = time.time() - t0
-        T = batch["response"].shape[1]
-        mask = data.response_mask(batch["response_len"], T)  # (B, T)
 
-        # 2. frozen forwards, once per rollout batch: policy, reference, reward model, critic (PPO only)
-        old_logp = frozen_logprobs(policy, batch, T, cfg.temperature)
-        ref_logp = frozen_logprobs(ref, batch, T, cfg.temperature)
-        with torch.inference_mode():
-            score = terminal(*value_chain(rm(batch["input_ids"], batch["attention_mask"]).float(),
-                                          batch["prompt_len"], batch["response_len"])).clone()  # r(x, y), (B,)
-            fu.reshard(rm)
-        with torch.no_grad():  # the critic is trained: no_grad, not inference_mode (see dvpo.frozen_logprobs)
-            old_values = critic_values(critic, batch, T) * mask  # V_t = w_{t-1}
-            fu.reshard(critic)
-
-        # 3. KL penalty as per-token reward, then GAE with the critic; returns for the value loss
-        kl = (old_logp - ref_logp) * mask  # k1 estimator
-        r_kl = -state["kl_beta"] * kl
-        adv_raw = ppo_advantages(old_values, score, r_kl, mask, cfg.gamma, cfg.lam)
-        returns = (adv_raw + old_values) * mask
-        adv = masked_batch_norm(adv_raw, mask)
+        # 2-4. frozen forwards (PPO only: reward model and critic), KL penalty, GAE with the critic
+        sc = score(policy, ref, rm, critic, batch, state["kl_beta"], cfg, device)
         t_score = time.time() - t0 - t_gen
 
-        # 4. PPO epochs × minibatches × micro-batches: policy loss, plus the critic's value loss (PPO only)
-        stats = {"clipfrac": [], "approx_kl": [], "entropy": [], "grad_norm": [], "value_loss": [], "critic_grad_norm": []}
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(per_rank, generator=torch.Generator().manual_seed(step * 31 + epoch))
-            for mb in range(0, per_rank, mb_rank):
-                mb_idx = perm[mb:mb + mb_rank]
-                n_tokens = fu.all_reduce_sum(mask[mb_idx].sum().detach().clone()).item()
-                lr_now = lr_at(state["opt_step"], cfg.steps * cfg.ppo_epochs * (per_rank // mb_rank), cfg.warmup_steps, 1.0)
-                for o, base in ((opt, cfg.lr), (critic_opt, cfg.critic_lr)):
-                    for g in o.param_groups:
-                        g["lr"] = base * lr_now
-                opt.zero_grad(set_to_none=True)
-                critic_opt.zero_grad(set_to_none=True)
-                for mi in range(0, mb_rank, micro):
-                    i = mb_idx[mi:mi + micro].to(device)
-                    sub = {k: batch[k][i] for k in ("input_ids", "attention_mask", "prompt_len", "response_len")}
-                    logp, entropy = data.response_logprobs(policy, sub, T, cfg.temperature)
-                    loss, s = ppo_clip_loss(logp, old_logp[i], adv[i], mask[i], cfg.clip_eps, n_tokens)
-                    (loss * world).backward()  # FSDP averages gradients over ranks: undo it
-                    values = critic_values(critic, sub, T)
-                    vloss = value_loss_clipped(values, old_values[i], returns[i], mask[i], cfg.value_clip, n_tokens)
-                    (vloss * world).backward()
-                    stats["clipfrac"].append(s["clipfrac"])
-                    stats["approx_kl"].append(s["approx_kl"])
-                    stats["entropy"].append(masked_mean(entropy.detach(), mask[i]).item())
-                    stats["value_loss"].append(vloss.item() * world)
-                stats["grad_norm"].append(fu.grad_norm_clip(policy, cfg.grad_clip))
-                stats["critic_grad_norm"].append(fu.grad_norm_clip(critic, cfg.grad_clip))
-                opt.step()
-                critic_opt.step()
-                state["opt_step"] += 1
+        # 5. PPO epochs × minibatches × micro-batches: policy loss, plus the critic's value loss (PPO only)
+        stats, state["opt_step"] = update(policy, critic, opt, critic_opt, batch, sc, cfg, step, state["opt_step"])
 
-        # 5. bookkeeping: KL controller, logs, checkpoint
-        seq_kl = kl.sum(1).mean().item()
+        # 6. bookkeeping: KL controller, logs, checkpoint
+        mask = sc["mask"]
+        seq_kl = sc["kl"].sum(1).mean().item()
         if cfg.kl_target > 0:
             state["kl_beta"] = kl_controller(state["kl_beta"], fu.reduce_metrics({"kl": seq_kl}, device)["kl"],
                                              cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
         state["step"] = step + 1
         dt = time.time() - t0
-        m = {"rm/score": score.mean().item(), "critic/value_prompt": old_values[:, 0].mean().item(),
+        m = {"rm/score": sc["score"].mean().item(), "critic/value_prompt": sc["old_values"][:, 0].mean().item(),
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
-             "truncated": batch["truncated"].float().mean().item(),
-             **{k: sum(v) / len(v) for k, v in stats.items()}}
+             "truncated": batch["truncated"].float().mean().item(), **stats}
         if builtin:
-            m["gold_reward"] = rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
-        m = fu.reduce_metrics(m, device)
-        m.update({"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
-                  "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
-                  "tokens_per_s": float(fu.all_reduce_sum(mask.sum().detach().clone()).item()) / dt,
-                  "memory/peak_gb": fu.peak_memory(device) / 2**30})
+            m["gold_reward"] = tu.rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
+        tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
+        m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
+                                      "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
+                                      "tokens_per_s": float(tokens) / dt})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
         bar.set_postfix(gold=f"{m.get('gold_reward', float('nan')):.3f}", rm=f"{m['rm/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(policy, critic, opt, critic_opt, tok, state, ckpt)
+            tu.save_checkpoint(ckpt, tok, state, trained)
         if cfg.stop_after and step + 1 >= cfg.stop_after:
-            save_checkpoint(policy, critic, opt, critic_opt, tok, state, ckpt)
+            tu.save_checkpoint(ckpt, tok, state, trained)
             fu.print0(f"stopped after step {step + 1} (--stop_after); continue with --resume")
             fu.cleanup()
             return {"train/steps": state["step"]}
 
     # final evaluation and outputs
-    after = evaluate(policy, ref, tok, eval_prompts, cfg, device, builtin)
-    before = state["before"]
+    after = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
-               "rm/pairwise_accuracy": rm_summary.get("rm/pairwise_accuracy", float("nan")),
+               "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")),
                "eval/kl_to_ref": after["kl_to_ref"], "eval/response_len": after["response_len"]}
     if builtin:
-        summary.update(gold_summary(before, after))
-    save_checkpoint(policy, critic, opt, critic_opt, tok, state, ckpt)
+        summary.update(tu.gold_summary(state["before"], after))
+    tu.save_checkpoint(ckpt, tok, state, trained)
     fu.save_hf(policy, tok, cfg.out_dir)
-    backbone, head = split_gvm_state(fu.full_state_dict(critic))  # the critic, loadable with gvm.load_gvm
-    fu.save_hf(critic.backbone, tok, os.path.join(cfg.out_dir, "critic"), state_dict=backbone,
-               extra={"value_head.safetensors": head, "gvm_config.json": {"reward": "ppo_critic", "gamma": cfg.gamma, "lam": cfg.lam, "tau_k": 0}})
-    fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    fu.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()))
+    tu.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only
+                        {"role": "critic", "gamma": cfg.gamma, "lam": cfg.lam})
+    tu.finish(cfg.out_dir, summary)
     fu.cleanup()
     return summary
-
-
-def save_checkpoint(policy, critic, opt, critic_opt, tok, state: dict, path: str):
-    """Policy (HF format) + critic (GVM format, in critic/) + both optimizers + step + KL β, in one
-    folder swapped in atomically, so policy and critic always come from the same step."""
-    p_sd, c_sd = fu.full_state_dict(policy), fu.full_state_dict(critic)
-    p_opt, c_opt = fu.full_optim_state_dict(policy, opt), fu.full_optim_state_dict(critic, critic_opt)
-    with fu.staged_dir(path, replace_dir=True) as tmp:
-        if tmp is not None:
-            fu.write_hf(policy, tok, tmp, p_sd, {"trainer_state.pt": {**state, "optimizer": p_opt, "critic_optimizer": c_opt}})
-            backbone, head = split_gvm_state(c_sd)
-            fu.write_hf(critic.backbone, tok, os.path.join(tmp, "critic"), backbone,
-                        {"value_head.safetensors": head, "gvm_config.json": {"reward": "ppo_critic", "tau_k": 0}})
-    fu.barrier()
 
 
 if __name__ == "__main__":

@@ -15,17 +15,17 @@ Launch:
 from __future__ import annotations
 
 import math
-import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 import data
 import fsdp_utils as fu
+import train_utils as tu
 
 
 @dataclass
@@ -57,26 +57,6 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.T
     return -(logp * mask).sum() * fu.world() / n_tokens
 
 
-def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
-    """Linear warmup to `peak`, then cosine decay to 10% of it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def load_policy(path: str, device, seed: int = 0):
-    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    if not path:
-        tok = data.build_char_tokenizer()
-        return data.build_tiny_model(tok, seed=seed), tok
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tok  # fp32 master weights
-
-
 def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
     """Held-out gold reward, sampled at temperature 1 (mean, stderr) and greedy. Each rank scores
     its own shard of the prompts; the means are combined over ranks."""
@@ -87,7 +67,8 @@ def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
         for name, temp in (("gold_reward", 1.0), ("gold_reward_greedy", 0.0)):
             ys = data.sample_texts(model, tok, prompts, 16, temp, 1.0, 256, gen, device)
             r = [data.gold_reward(p, y) for p, y in zip(prompts, ys)]
-            s = fu.all_reduce_sum(torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64, device=device))
+            s = torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64, device=device)
+            fu.all_reduce_sum(s)
             m = (s[0] / s[2]).item()
             out[f"eval/{name}"] = m
             if temp > 0:
@@ -98,7 +79,7 @@ def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
 def main(cfg: Config):
     device = fu.setup(cfg.device)
     fu.seed_everything(cfg.seed, per_rank=False)  # same initial weights on every rank
-    model, tok = load_policy(cfg.model, device, cfg.seed)
+    model, tok = tu.load_policy(cfg.model, cfg.seed)
     builtin = not cfg.data
 
     # data: tokenize with exact prompt/response boundaries, report truncation and skipped records
@@ -119,11 +100,7 @@ def main(cfg: Config):
     model = fu.shard(model, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    fu.write_json(os.path.join(cfg.out_dir, "train_config.json"), asdict(cfg))  # config.json is the model's
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if fu.rank() == 0 and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    metrics_path = tu.start_metrics(cfg.out_dir, cfg)
     if builtin:
         before = evaluate_builtin(model, tok, cfg.eval_prompts, device, cfg.seed)
         fu.print0(f"untrained model: held-out gold reward {before['eval/gold_reward']:.3f} "
@@ -149,7 +126,7 @@ def main(cfg: Config):
         loss = sft_loss(logp, mask, n_tokens)
 
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
+            g["lr"] = tu.lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
@@ -170,8 +147,7 @@ def main(cfg: Config):
     elif held:
         summary["eval/nll"] = eval_nll(model, held, tok.pad_token_id, device)
     fu.save_hf(model, tok, cfg.out_dir)
-    fu.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    tu.finish(cfg.out_dir, summary)
     fu.print0(f"saved to {cfg.out_dir}")
     fu.cleanup()
     return summary

@@ -1,10 +1,12 @@
-"""Numeric checks of the pure algorithm functions against DESIGN.md §7 (numpy-verified vectors),
+"""Numeric checks of the pure algorithm functions against docs/algorithm.md §10 (numpy-verified vectors),
 loop-vs-vectorized references, and padding invariance."""
 import pytest
 import torch
 
+import data
 import dvpo
 import gvm
+import train_utils as tu
 
 T_ = torch.tensor
 
@@ -37,7 +39,7 @@ def test_gvm_loss_design_vector():
 
 
 def td_lambda_reference(w, R, gamma, lam):
-    """Plain python recursion for one row (the definition in DESIGN.md §2)."""
+    """Plain python recursion for one row (the definition in docs/algorithm.md §2)."""
     G = [0.0] * len(w)
     G[-1] = R
     for k in reversed(range(len(w) - 1)):
@@ -65,19 +67,19 @@ def test_td_lambda_monte_carlo_is_discounted_reward():
 
 def test_value_chain_reads_u_at_P_minus_1_plus_k():
     u = torch.arange(20.0).view(2, 10)
-    w, m = gvm.value_chain(u, prompt_len=T_([3, 5]), response_len=T_([4, 2]))
+    w, m = data.value_chain(u, prompt_len=T_([3, 5]), response_len=T_([4, 2]))
     assert w.shape == (2, 5)
     assert close(w[0], [2, 3, 4, 5, 6]) and close(w[1, :3], [14, 15, 16])
     assert m.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
 
 
 def test_pairwise_accuracy_counts_ties_half():
-    assert gvm.pairwise_accuracy(T_([1.0, 0.0, 2.0, 1.0]), T_([0.0, 1.0, 2.0, 0.5])) == pytest.approx(0.625)
+    assert tu.pairwise_accuracy(T_([1.0, 0.0, 2.0, 1.0]), T_([0.0, 1.0, 2.0, 0.5])) == pytest.approx(0.625)
 
 
 def test_tau_prefix_truncation():
     ex = [([1, 2, 3, 4], [5, 6, 9]), ([7, 8], [10, 11, 12, 9])]
-    assert gvm.tau_prefix(ex, prompt_len=2, response_len=3) == [3, 4, 5, 6, 9, 7, 8, 10, 11, 12]
+    assert data.tau_prefix(ex, prompt_len=2, response_len=3) == [3, 4, 5, 6, 9, 7, 8, 10, 11, 12]
 
 
 # ---------------------------------------------------------------- advantages (§3)
@@ -189,7 +191,7 @@ def test_bt_loss_hand_vector():
 
 
 def test_ppo_gae_equals_dvpo_td_when_critic_and_rm_are_the_chain():
-    """DESIGN.md §4: GAE with V_t = w_{t-1} and RM score = w_T reproduces the td vectors."""
+    """docs/algorithm.md §6: GAE with V_t = w_{t-1} and RM score = w_T reproduces the td vectors."""
     mask = torch.ones(1, 4)
     r_kl = -0.2 * KL
     A = ppo_baseline.ppo_advantages(W[:, :4], W[:, 4], r_kl, mask, 1.0, 0.95)

@@ -1,5 +1,5 @@
 """data.py: file formats and their errors, exact token boundaries, collation and response-aligned
-indexing (DESIGN.md §1), the built-in task, and sampling."""
+indexing (docs/algorithm.md §1), the built-in task, and sampling."""
 import json
 import math
 import random

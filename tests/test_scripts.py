@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import dvpo
 import gvm
+import ppo_baseline
+import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -50,7 +51,7 @@ GVM_ARGS = ["--builtin_prompts", "48", "--builtin_eval_prompts", "8", "--batch_s
 @pytest.fixture(scope="module")
 def tiny_gvm(tiny_sft, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("gvm1"))
-    run(["gvm.py", "--init", tiny_sft, "--out_dir", out] + GVM_ARGS)
+    run(["gvm.py", "--model", tiny_sft, "--out_dir", out] + GVM_ARGS)
     return out
 
 
@@ -62,7 +63,7 @@ def test_gvm_outputs_and_load(tiny_gvm):
     assert set(s["eval/pairwise_accuracy_table"]) == {"final", "mean", "P1", "P5", "P10", "P90", "P95", "P99"}
     assert os.path.exists(os.path.join(tiny_gvm, "pairs_train.jsonl"))
     assert len(open(os.path.join(tiny_gvm, "metrics.jsonl")).readlines()) >= 1
-    model, tok, gcfg = gvm.load_gvm(tiny_gvm, "cpu")
+    model, tok, gcfg = gvm.load_gvm(tiny_gvm)
     assert gcfg["lam"] == 0.95 and gcfg["tau_k"] == 0
     head = load_file(os.path.join(tiny_gvm, "value_head.safetensors"))
     assert torch.equal(model.value_head.weight, head["weight"])
@@ -74,7 +75,7 @@ def test_gvm_outputs_and_load(tiny_gvm):
 def test_gvm_one_vs_two_processes_same_weights(tiny_sft, tiny_gvm, tmp_path):
     """Same global batches on 1 and 2 processes (FSDP2, gloo) -> the same trained weights."""
     out2 = str(tmp_path / "gvm2")
-    run(["gvm.py", "--init", tiny_sft, "--out_dir", out2] + GVM_ARGS, nproc=2)
+    run(["gvm.py", "--model", tiny_sft, "--out_dir", out2] + GVM_ARGS, nproc=2)
     a = load_file(os.path.join(tiny_gvm, "model.safetensors"))
     b = load_file(os.path.join(out2, "model.safetensors"))
     init = load_file(os.path.join(tiny_sft, "model.safetensors"))
@@ -93,7 +94,7 @@ def test_gvm_one_vs_two_processes_same_weights(tiny_sft, tiny_gvm, tmp_path):
 
 def test_gvm_tau_conditioning_runs(tiny_sft, tmp_path):
     out = str(tmp_path / "gvm_tau")
-    run(["gvm.py", "--init", tiny_sft, "--out_dir", out, "--tau_k", "2"] + GVM_ARGS)
+    run(["gvm.py", "--model", tiny_sft, "--out_dir", out, "--tau_k", "2"] + GVM_ARGS)
     assert json.load(open(os.path.join(out, "gvm_config.json")))["tau_k"] == 2
 
 
@@ -104,7 +105,7 @@ def test_gvm_explain(tiny_gvm):
 
 
 def test_gvm_missing_init_is_a_clear_error(tmp_path):
-    p = subprocess.run([sys.executable, "gvm.py", "--init", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")],
+    p = subprocess.run([sys.executable, "gvm.py", "--model", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "o")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "run `python sft.py` first" in p.stderr
 
@@ -116,7 +117,7 @@ DVPO_ARGS = ["--steps", "2", "--batch_size", "8", "--minibatch_size", "4", "--mi
 @pytest.mark.parametrize("advantage", ["td", "paper"])
 def test_dvpo_smoke_single_process(tiny_sft, tiny_gvm, tmp_path, advantage):
     out = str(tmp_path / "dvpo")
-    run(["dvpo.py", "--policy", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out, "--advantage", advantage] + DVPO_ARGS)
+    run(["dvpo.py", "--model", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out, "--advantage", advantage] + DVPO_ARGS)
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["train/steps"] == 2 and s["advantage"] == advantage
     for k in ("eval/gold_reward_before", "eval/gold_reward_after", "eval/gold_reward_stderr",
@@ -133,7 +134,7 @@ def test_dvpo_smoke_single_process(tiny_sft, tiny_gvm, tmp_path, advantage):
 
 def test_dvpo_smoke_torchrun_two_processes(tiny_sft, tiny_gvm, tmp_path):
     out = str(tmp_path / "dvpo2")
-    run(["dvpo.py", "--policy", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out, "--tau_k", "1"] + DVPO_ARGS, nproc=2)
+    run(["dvpo.py", "--model", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out, "--tau_k", "1"] + DVPO_ARGS, nproc=2)
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["train/steps"] == 2 and s["tau_k"] == 1
     init = load_file(os.path.join(tiny_sft, "model.safetensors"))
@@ -144,7 +145,7 @@ def test_dvpo_smoke_torchrun_two_processes(tiny_sft, tiny_gvm, tmp_path):
 def test_dvpo_resume_equals_uninterrupted(tiny_sft, tiny_gvm, tmp_path):
     """Run 3 steps straight; separately stop after 2 (as if killed) and resume: same step count,
     same final weights (every random draw is a function of the step)."""
-    args = ["--policy", tiny_sft, "--gvm", tiny_gvm] + DVPO_ARGS[2:] + ["--steps", "3"]
+    args = ["--model", tiny_sft, "--gvm", tiny_gvm] + DVPO_ARGS[2:] + ["--steps", "3"]
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     run(["dvpo.py", "--out_dir", a] + args)
     run(["dvpo.py", "--out_dir", b, "--stop_after", "2"] + args)
@@ -170,8 +171,8 @@ PPO_ARGS = ["--rm_epochs", "1", "--rm_batch_size", "8"] + DVPO_ARGS
 
 
 def ppo_run(tiny_sft, tiny_gvm, out, extra=(), nproc=1):
-    return run(["ppo_baseline.py", "--policy", tiny_sft, "--pairs", os.path.join(tiny_gvm, "pairs_train.jsonl"),
-                "--eval_pairs", os.path.join(tiny_gvm, "pairs_eval.jsonl"), "--out_dir", out] + PPO_ARGS + list(extra), nproc=nproc)
+    return run(["ppo_baseline.py", "--model", tiny_sft, "--data", os.path.join(tiny_gvm, "pairs_train.jsonl"),
+                "--eval_data", os.path.join(tiny_gvm, "pairs_eval.jsonl"), "--out_dir", out] + PPO_ARGS + list(extra), nproc=nproc)
 
 
 def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_gvm, tmp_path):
@@ -187,8 +188,9 @@ def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_gvm, tmp_path):
     # the policy and the critic are each loadable on their own
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
-    critic, _, _ = gvm.load_gvm(os.path.join(out, "critic"), "cpu")
-    rm, _, _ = gvm.load_gvm(os.path.join(out, "rm"), "cpu")
+    critic, _, ccfg = tu.load_value_model(os.path.join(out, "critic"), "critic_config.json", "")
+    rm, _, _ = ppo_baseline.load_reward_model(os.path.join(out, "rm"))
+    assert ccfg["role"] == "critic"
     assert not torch.equal(critic.value_head.weight, rm.value_head.weight)  # the critic was trained from the RM
     assert os.path.exists(os.path.join(out, "checkpoint", "critic", "value_head.safetensors"))
 
@@ -196,7 +198,7 @@ def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_gvm, tmp_path):
 def test_ppo_baseline_rm_stage_alone(tiny_sft, tiny_gvm, tmp_path):
     out = str(tmp_path / "ppo_rm")
     ppo_run(tiny_sft, tiny_gvm, out, ["--stage", "rm"])
-    cfg = json.load(open(os.path.join(out, "rm", "gvm_config.json")))
+    cfg = json.load(open(os.path.join(out, "rm", "rm_config.json")))
     assert 0.0 <= cfg["rm/pairwise_accuracy"] <= 1.0 and not os.path.exists(os.path.join(out, "summary.json"))
 
 
@@ -223,7 +225,7 @@ def test_dvpo_resume_under_torchrun(tiny_sft, tiny_gvm, tmp_path):
     """Stop after step 1 and resume with 2 FSDP processes: the sharded optimizer state is loaded
     from rank 0's full copy and training continues to the requested step count."""
     out = str(tmp_path / "r2")
-    args = ["dvpo.py", "--policy", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out] + DVPO_ARGS
+    args = ["dvpo.py", "--model", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out] + DVPO_ARGS
     run(args + ["--stop_after", "1"], nproc=2)
     log = run(args + ["--resume"], nproc=2)
     assert "at step 1" in log

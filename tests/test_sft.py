@@ -9,6 +9,7 @@ import torch
 
 import data
 import sft
+import train_utils as tu
 
 
 def test_sft_loss_is_token_mean_over_response_tokens():
@@ -25,12 +26,12 @@ def test_sft_loss_is_token_mean_over_response_tokens():
 
 
 def test_lr_schedule():
-    assert sft.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert sft.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert sft.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
-    assert sft.lr_at(55, 100, 10, 1.0) == pytest.approx(0.55)  # half-way through the cosine
-    assert sft.lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
-    lrs = [sft.lr_at(s, 100, 10, 1.0) for s in range(10, 100)]
+    assert tu.lr_at(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert tu.lr_at(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert tu.lr_at(10, 100, 10, 1.0) == pytest.approx(1.0)
+    assert tu.lr_at(55, 100, 10, 1.0) == pytest.approx(0.55)  # half-way through the cosine
+    assert tu.lr_at(100, 100, 10, 1.0) == pytest.approx(0.1)
+    lrs = [tu.lr_at(s, 100, 10, 1.0) for s in range(10, 100)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
 
 

@@ -1,0 +1,302 @@
+"""train_utils.py — the training plumbing that sft.py, gvm.py, dvpo.py and ppo_baseline.py share.
+
+No algorithm lives here (that stays in the scripts, next to its equations); this is what every
+training script needs around the algorithm, written once:
+  1. Models in and out: load_policy (a hub id, a local path, or the built-in tiny Llama) and
+     ValueModel, a causal-LM backbone + a linear value head — the GVM, the reward model and the
+     critic all have this shape — with save_value_model / load_value_model.
+  2. Prompts and rollouts: load_prompts (the built-in task or a file, with a held-out split),
+     rollout (one sampled response per prompt, in the layout every loss reads), frozen_logprobs.
+  3. Schedules and checks: lr_at (warmup + cosine), check_batch_sizes.
+  4. Evaluation: evaluate_policy (held-out reward sampled and greedy, KL to the reference).
+  5. Bookkeeping: metrics rows and summaries, resumable checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+import data
+import fsdp_utils as fu
+
+# ----------------------------------------------------------------------------------------------
+# 1. Models in and out
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer with a pad token (the EOS token when the tokenizer has none)."""
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path: str, seed: int = 0):
+    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty.
+    Weights in fp32: the trained copy is the fp32 master (bf16 compute comes from FSDP's policy)."""
+    if not path:
+        tok = data.build_char_tokenizer()
+        return data.build_tiny_model(tok, seed=seed), tok
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+
+
+class ValueModel(nn.Module):
+    """Causal-LM backbone (AutoModel, no LM head) + nn.Linear(H, 1): one scalar per position.
+    forward -> u: (B, L). The GVM, the Bradley-Terry reward model and the PPO critic."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # starts at 0 everywhere: no prior on the values
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=data.position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+
+
+def new_value_model(path: str) -> ValueModel:
+    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero."""
+    return ValueModel(AutoModel.from_pretrained(path, dtype=torch.float32))
+
+
+def load_value_model(path: str, config_name: str, hint: str, dtype=torch.float32):
+    """(model, tokenizer, config) from a folder written by save_value_model: the backbone in HF
+    format, value_head.safetensors and a JSON config named config_name (gvm_config.json,
+    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong."""
+    for name in ("config.json", "value_head.safetensors", config_name):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path}: missing {name}; {hint}")
+    model = ValueModel(AutoModel.from_pretrained(path, dtype=dtype))
+    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+    with open(os.path.join(path, config_name)) as f:
+        config = json.load(f)
+    return model.to(dtype), load_tokenizer(path), config
+
+
+def split_value_state(sd: dict) -> tuple[dict, dict]:
+    """Full ValueModel state dict -> (backbone state dict, value head state dict)."""
+    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
+    return backbone, head
+
+
+def write_value_model(model: ValueModel, tokenizer, folder: str, state_dict: dict, config_name: str, config: dict):
+    """Rank 0 writes a value model folder from a full state dict (see save_value_model)."""
+    backbone, head = split_value_state(state_dict)
+    fu.write_hf(model.backbone, tokenizer, folder, backbone,
+                {"value_head.safetensors": head, config_name: config})
+
+
+def save_value_model(model: ValueModel, tokenizer, path: str, config_name: str, config: dict):
+    """Backbone in HF format (safetensors) + value_head.safetensors + config + tokenizer.
+    A collective under FSDP: every rank calls it, rank 0 writes."""
+    sd = fu.full_state_dict(model)
+    with fu.staged_dir(path, replace_dir=False) as tmp:
+        if tmp is not None:
+            write_value_model(model, tokenizer, tmp, sd, config_name, config)
+    fu.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Prompts and rollouts
+
+def load_prompts(cfg, tok, trunc: data.TruncationStats):
+    """(this rank's prompt texts, their token ids, held-out prompt texts, builtin?). Built-in task:
+    steps × batch_size training prompts and eval_prompts held-out ones; a file: the first
+    min(eval_prompts, 10%) prompts are held out. Each rank reads its own shard."""
+    builtin = not cfg.prompts
+    if builtin:
+        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=cfg.seed + 7)
+        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
+    else:
+        rows, stats = data.load_records(cfg.prompts, "prompt")
+        fu.print0(stats.summary())
+        n_eval = min(cfg.eval_prompts, len(rows) // 10)
+        eval_prompts, train_prompts = [r["prompt"] for r in rows[:n_eval]], [r["prompt"] for r in rows[n_eval:]]
+    my_texts = data.shard(train_prompts, fu.rank(), fu.world())
+    my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in my_texts]
+    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}")
+    return my_texts, my_prompts, eval_prompts, builtin
+
+
+@torch.no_grad()
+def rollout(policy, prompt_ids: list[list[int]], tok, max_new_tokens: int, temperature: float, top_p: float,
+            generator, device, min_new_tokens: int = 0) -> dict:
+    """Sample one response per prompt. Layout: left-padded prompts (width P) ⊕ right-padded
+    responses (width T), so every row's response starts at column P: prompt_len = P for all rows."""
+    enc = data.collate_left(prompt_ids, tok.pad_token_id)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    with fu.gathered(policy):  # eval mode, parameters gathered once for the whole rollout
+        resp, resp_len, truncated = data.generate(
+            policy, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+            tok.pad_token_id, temperature, top_p, generator, min_new_tokens)
+    B, P, T = resp.shape[0], enc["input_ids"].shape[1], resp.shape[1]
+    return {"input_ids": torch.cat([enc["input_ids"], resp], 1),
+            "attention_mask": torch.cat([enc["attention_mask"], data.response_mask(resp_len, T).long()], 1),
+            "prompt_len": torch.full((B,), P, device=device), "response_len": resp_len,
+            "truncated": truncated, "response": resp, "prompt_ids": prompt_ids}
+
+
+def responses(batch: dict) -> list[list[int]]:
+    """Each row's response ids without padding (EOS included when the row has one)."""
+    return [r[:n].tolist() for r, n in zip(batch["response"], batch["response_len"])]
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch: dict, T: int, temperature: float) -> torch.Tensor:
+    """log π(y_t | s_t) with no gradient: the reference, or the policy before the update.
+    (no_grad, not inference_mode: under FSDP2 inference_mode would turn the trained policy's
+    gathered parameter buffers into inference tensors, which its next training step cannot update.)"""
+    logp, _ = data.response_logprobs(model, batch, T, temperature)
+    fu.reshard(model)  # FSDP2 keeps the root gathered after forward: free it
+    return logp.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Schedules and checks
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to `peak`, then cosine decay to 10% of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def check_batch_sizes(cfg, world: int, script: str):
+    """Rollout batch -> minibatches -> per-rank micro-batches must divide evenly."""
+    for name in ("batch_size", "minibatch_size"):
+        if getattr(cfg, name) % world:
+            sys.exit(f"{script}: --{name} {getattr(cfg, name)} must be divisible by the {world} processes")
+    mb_rank = cfg.minibatch_size // world
+    if cfg.batch_size % cfg.minibatch_size or mb_rank % min(cfg.micro_batch_size, mb_rank):
+        sys.exit(f"{script}: batch_size must be a multiple of minibatch_size, and minibatch_size/world "
+                 "of micro_batch_size")
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Evaluation (held-out prompts)
+
+@torch.no_grad()
+def evaluate_policy(policy, ref, tok, prompts: list, cfg, device, builtin: bool) -> dict:
+    """Sampled at the training temperature (mean, stderr) and greedy; KL to the reference
+    Σ_t (log π - log π_ref) per sampled response. Each rank evaluates its shard."""
+    mine = data.shard(prompts, fu.rank(), fu.world())
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345 + fu.rank())
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
+    for i in range(0, len(mine), 256):
+        texts = mine[i:i + 256]
+        ids = [data.encode_prompt(tok, p, cfg.max_prompt_len) for p in texts]
+        b = rollout(policy, ids, tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen, device)
+        T = b["response"].shape[1]
+        mask = data.response_mask(b["response_len"], T)
+        kl = ((frozen_logprobs(policy, b, T, cfg.temperature) - frozen_logprobs(ref, b, T, cfg.temperature))
+              * mask).sum(1)
+        bg = rollout(policy, ids, tok, cfg.max_new_tokens, 0.0, 1.0, gen, device)  # greedy
+        g, gg = ([data.gold_reward(p, data.decode_response(tok, r.tolist())) if builtin else 0.0
+                  for p, r in zip(texts, x["response"])] for x in (b, bg))
+        g, gg = torch.tensor(g, dtype=torch.float64), torch.tensor(gg, dtype=torch.float64)
+        sums += torch.stack([g.sum(), (g * g).sum(), gg.sum(), kl.double().sum().cpu(),
+                             torch.tensor(len(texts), dtype=torch.float64),
+                             b["response_len"].double().sum().cpu()]).to(device)
+    fu.all_reduce_sum(sums)
+    s, s2, sg, skl, n, sl = sums.tolist()
+    out = {"kl_to_ref": skl / n, "response_len": sl / n}
+    if builtin:
+        m = s / n
+        out.update({"gold_reward": m, "gold_reward_stderr": math.sqrt(max(s2 / n - m * m, 0) / max(n - 1, 1)),
+                    "gold_reward_greedy": sg / n})
+    return out
+
+
+def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of pairs with a > b; ties count one half."""
+    return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
+
+
+def rollout_gold(texts: list[str], response: torch.Tensor, tok) -> float:
+    """Mean gold reward of a rollout batch (built-in task; for reporting only, never in a loss)."""
+    return sum(data.gold_reward(p, data.decode_response(tok, r.tolist())) for p, r in zip(texts, response)) / len(texts)
+
+
+def gold_summary(before: dict, after: dict) -> dict:
+    """summary.json's held-out gold-reward entries (built-in task)."""
+    return {"eval/gold_reward_before": before["gold_reward"], "eval/gold_reward_after": after["gold_reward"],
+            "eval/gold_reward_stderr": after["gold_reward_stderr"],
+            "eval/gold_reward_stderr_before": before["gold_reward_stderr"],
+            "eval/gold_reward_greedy_before": before["gold_reward_greedy"],
+            "eval/gold_reward_greedy_after": after["gold_reward_greedy"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Bookkeeping: metrics, summaries, checkpoints
+
+def start_metrics(out_dir: str, cfg, keep: bool = False) -> str:
+    """Write train_config.json (config.json is the model's, as HF loaders require) and return the
+    path of metrics.jsonl, emptied unless keep (a resumed run appends to it)."""
+    os.makedirs(out_dir, exist_ok=True)
+    fu.write_json(os.path.join(out_dir, "train_config.json"), cfg if isinstance(cfg, dict) else vars(cfg))
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if fu.rank() == 0 and os.path.exists(path) and not keep:
+        os.remove(path)
+    return path
+
+
+def trim_metrics(path: str, step: int):
+    """On resume: drop metrics.jsonl rows of steps after the checkpoint (they were lost)."""
+    if fu.rank() == 0 and os.path.exists(path):
+        rows = [line for line in open(path) if json.loads(line)["step"] <= step]
+        open(path, "w").writelines(rows)
+
+
+def step_row(m: dict, device, **extra) -> dict:
+    """One metrics.jsonl row: per-rank scalars averaged over ranks, then the rank-0 extras."""
+    m = fu.reduce_metrics(m, device)
+    m.update(extra)
+    m["memory/peak_gb"] = fu.peak_memory(device) / 2**30
+    return m
+
+
+def finish(out_dir: str, summary: dict):
+    """Write summary.json and print it on one line."""
+    fu.write_json(os.path.join(out_dir, "summary.json"), summary)
+    fu.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
+                         if isinstance(v, (int, float, str))))
+
+
+def save_checkpoint(path: str, tok, state: dict, trained: dict):
+    """A resumable checkpoint, swapped in as a whole folder: trained = {"policy": (model, optimizer),
+    and e.g. "critic": (value model, optimizer)}. The policy goes at the top level (HF format,
+    loadable on its own), every other model in a subfolder of its name (value model format);
+    trainer_state.pt holds `state` (step, KL β, ...) and every optimizer's full state. Every random
+    draw is a function of the step, so this is all a resumed run needs. A collective under FSDP."""
+    sds = {name: fu.full_state_dict(m) for name, (m, _) in trained.items()}
+    osds = {name: fu.full_optim_state_dict(m, o) for name, (m, o) in trained.items()}
+    with fu.staged_dir(path, replace_dir=True) as tmp:
+        if tmp is not None:
+            fu.write_hf(trained["policy"][0], tok, tmp, sds["policy"],
+                        {"trainer_state.pt": {**state, "optimizers": osds}})
+            for name, (m, _) in trained.items():
+                if name != "policy":
+                    write_value_model(m, tok, os.path.join(tmp, name), sds[name], f"{name}_config.json", {"role": name})
+    fu.barrier()
+
+
+def load_checkpoint(path: str, state: dict, trained: dict):
+    """Inverse of save_checkpoint for the optimizers and `state` (the models were loaded from the
+    folder already). Rank 0 reads the file; optimizer state is sharded out from its full copy."""
+    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
+    osds = st.pop("optimizers", {})  # stays on rank 0: sharded out tensor by tensor, not pickled to every rank
+    state.update(fu.broadcast_object(st))
+    for name, (m, o) in trained.items():
+        fu.load_full_optim_state_dict(m, o, osds.get(name, {}))
