@@ -175,7 +175,7 @@ def rl_step(method: str, models: dict, opts: dict, prompts: list, tok, acfg, dev
     """One step of dvpo.main / ppo_baseline.main, timed by phase: rollout -> score -> update.
     Returns ({phase: seconds, total, cpu_total}, new optimizer-step count)."""
     t0, cpu0 = clock(device), time.process_time()  # CPU seconds: less sensitive to other tenants
-    gen = torch.Generator(device=device).manual_seed(acfg.seed * 1_000_003 + step * 1009 + fu.rank())
+    gen = tu.torch_rng(acfg.seed, "rollout", step, fu.rank(), device=device)
     batch = tu.rollout(models["policy"], prompts, tok, acfg.max_new_tokens, acfg.temperature, acfg.top_p, gen,
                        device, min_new_tokens=acfg.max_new_tokens)  # fixed length: both methods do the same work
     t1 = clock(device)
@@ -200,7 +200,7 @@ def measure(cfg: Config) -> dict:
     which writes the result to cfg.result."""
     device = fu.setup(cfg.device)
     torch.set_num_threads(cfg.threads)
-    fu.seed_everything(cfg.seed, per_rank=False)
+    tu.seed_everything(cfg.seed)
     world, path = fu.world(), cfg.model or os.path.join(cfg.out_dir, f"model_{cfg.preset}")
     if not cfg.model and fu.rank() == 0:
         write_preset(cfg)  # normally done by the parent already

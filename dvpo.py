@@ -68,7 +68,8 @@ class Config:
     max_new_tokens: int = 16  # use 512-1024 for real models
     max_prompt_len: int = 512
     gradient_checkpointing: bool = False
-    eval_prompts: int = 1024  # held-out prompts for the before/after evaluation
+    eval_prompts: int = 1024  # held-out prompts for the before/after evaluation (0 = none)
+    eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
     save_every: int = 20  # steps between checkpoints (0 = only at the end)
     resume: bool = False  # continue from out_dir/checkpoint
     stop_after: int = 0  # > 0: save a checkpoint and exit after this step, as if killed (tests resume)
@@ -88,7 +89,8 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
     """(x - μ) / (σ + ε) with the population μ, σ of the entries where mask == 1 across the GLOBAL
     batch (Σx, Σx², n all-reduced over ranks); zeros where mask == 0, and everywhere if n ≤ 1.
     x, mask: (B, T). Eq. (2); docs/algorithm.md §3."""
-    stats = torch.stack([(x * mask).sum(), (x * x * mask).sum(), mask.sum()]).double()
+    xd, md = x.double(), mask.double()  # fp64 before summing: Σx² - nμ² cancels badly in fp32 (§3)
+    stats = torch.stack([(xd * md).sum(), (xd * xd * md).sum(), md.sum()])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats, op=dist.ReduceOp.SUM)  # statistics of the global batch
     s, s2, n = stats.tolist()
@@ -96,7 +98,7 @@ def masked_batch_norm(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) ->
         return torch.zeros_like(x)
     mu = s / n
     sigma = math.sqrt(max(s2 / n - mu * mu, 0.0))
-    return (x - mu) / (sigma + eps) * mask
+    return ((x.double() - mu) / (sigma + eps) * md).to(x.dtype)
 
 
 def discounted_cumsum(r: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -215,7 +217,7 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
     total = cfg.steps * cfg.ppo_epochs * (per_rank // mb_rank)  # optimizer steps of the run (LR schedule)
     stats = {"clipfrac": [], "approx_kl": [], "entropy": [], "grad_norm": []}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(per_rank, generator=torch.Generator().manual_seed(step * 31 + epoch))
+        perm = torch.randperm(per_rank, generator=tu.torch_rng(cfg.seed, "minibatch", step, epoch))
         for mb in range(0, per_rank, mb_rank):
             mb_idx = perm[mb:mb + mb_rank]
             n_tokens = fu.all_reduce_sum(mask[mb_idx].sum().detach().clone()).item()  # global minibatch tokens
@@ -248,7 +250,7 @@ def main(cfg: Config):
     if cfg.advantage not in ("td", "paper"):
         sys.exit(f"dvpo.py: --advantage must be 'td' or 'paper', got {cfg.advantage!r}")
     tu.check_batch_sizes(cfg, fu.world(), "dvpo.py")
-    fu.seed_everything(cfg.seed, per_rank=False)
+    tu.seed_everything(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
     resume = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
@@ -268,6 +270,11 @@ def main(cfg: Config):
 
     # prompts: each rank reads its own shard
     my_texts, my_prompts, eval_prompts, builtin = tu.load_prompts(cfg, tok, data.TruncationStats())
+    reward_fn = tu.load_reward_fn(cfg.eval_reward, builtin)
+
+    def evaluate():  # held-out reward and KL to the reference, before and after training
+        return tu.evaluate_policy(policy, ref, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens, reward_fn,
+                                  cfg.temperature, cfg.top_p, cfg.max_prompt_len)
     fu.print0(f"tau_k={tau_k}")
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
@@ -277,8 +284,8 @@ def main(cfg: Config):
         tu.trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
-        state["before"] = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
-    fu.print0("before: " + " | ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
+        state["before"] = evaluate()
+    fu.print0("before: " + (" | ".join(f"{k} {v:.4f}" for k, v in state["before"].items()) or "no held-out prompts"))
 
     per_rank = cfg.batch_size // fu.world()
     t_start = time.time()
@@ -286,8 +293,8 @@ def main(cfg: Config):
                initial=state["step"], total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + fu.rank())
-        rng = random.Random(f"{cfg.seed}-{step}-{fu.rank()}")  # every random draw is a function of the step
+        gen = tu.torch_rng(cfg.seed, "rollout", step, fu.rank(), device=device)  # every draw: (seed, step, rank)
+        rng = tu.python_rng(cfg.seed, "tau", step, fu.rank())
         idx = [(step * per_rank + i) % len(my_prompts) for i in range(per_rank)]
 
         # 1. rollout
@@ -316,15 +323,15 @@ def main(cfg: Config):
         m = {"gvm/return": terminal(w[:, 1:], mask).mean().item(), "gvm/value_prompt": w[:, 0].mean().item(),
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
              "truncated": batch["truncated"].float().mean().item(), **stats}
-        if builtin:
-            m["gold_reward"] = tu.rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
+        if reward_fn is not None:  # reporting only, never in a loss
+            m["reward"] = sum(tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)) / len(idx)
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
                                       "tokens_per_s": float(tokens) / dt})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
-        bar.set_postfix(gold=f"{m.get('gold_reward', float('nan')):.3f}", ret=f"{m['gvm/return']:.3f}",
+        bar.set_postfix(reward=f"{m.get('reward', float('nan')):.3f}", ret=f"{m['gvm/return']:.3f}",
                         kl=f"{m['kl']:.3f}", clip=f"{m['clipfrac']:.2f}")
         trained = {"policy": (policy, opt)}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
@@ -336,11 +343,8 @@ def main(cfg: Config):
             return {"train/steps": state["step"]}
 
     # final evaluation and outputs
-    after = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,
-               "tau_k": tau_k, "eval/kl_to_ref": after["kl_to_ref"], "eval/response_len": after["response_len"]}
-    if builtin:
-        summary.update(tu.gold_summary(state["before"], after))
+               "tau_k": tau_k, **tu.eval_summary(state["before"], evaluate())}
     tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
     fu.save_hf(policy, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)

@@ -8,7 +8,7 @@ operation) when the process group is not initialized, so `python x.py` and
      fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
   3. full_state_dict / save_hf: gather a full state dict on rank 0 (a collective: every rank calls it)
      and write an HF folder (safetensors) through a temp folder, then rename(s).
-  4. all_reduce_sum / reduce_metrics / print0 / seed_everything.
+  4. all_reduce_sum / reduce_metrics / all_gather_object / print0 / peak memory.
   5. gathered(model): keep parameters gathered for a whole rollout (FSDP2 otherwise re-gathers every
      block for every generated token), in eval() mode so the KV cache is used.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import resource
 import shutil
 
@@ -68,15 +67,6 @@ def cleanup():
 def print0(*args, **kwargs):
     if rank() == 0:
         print(*args, **kwargs, flush=True)
-
-
-def seed_everything(seed: int, per_rank: bool = True) -> int:
-    """Seed python and torch; per_rank offsets the seed by the rank (different samples per rank,
-    same initial weights must then come from rank 0 or from a seed set before this call)."""
-    s = seed + (rank() if per_rank else 0)
-    random.seed(s)
-    torch.manual_seed(s)
-    return s
 
 
 def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

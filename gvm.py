@@ -118,9 +118,9 @@ def build_builtin_pairs(cfg: Config, model, tok, device):
     if fu.rank() == 0:
         for i, temp in enumerate(float(t) for t in cfg.builtin_temperatures.split(",")):
             for split, n in (("train", cfg.builtin_prompts), ("eval", cfg.builtin_eval_prompts)):
-                prompts = data.builtin_prompts(n, split, seed=cfg.seed + 100 * i)
+                prompts = data.builtin_prompts(n, split, seed=tu.seed_for(cfg.seed, "pairs/prompts", i))
                 r, dropped = data.builtin_pairs(model, tok, prompts, temp, f"sft@T={temp}", cfg.bt_temperature,
-                                                seed=cfg.seed + 1000 * i + (split == "eval"), device=device)
+                                                seed=tu.seed_for(cfg.seed, "pairs", i, split), device=device)
                 print(f"built-in pairs: sampler sft@T={temp} {split}: {len(r)} pairs "
                       f"({dropped} prompts gave two identical responses: no preference, dropped)")
                 rows[split] += r
@@ -165,13 +165,15 @@ def draw_tau(i: int, e: dict, pools: dict, K: int, rng: random.Random, cfg: Conf
     return data.tau_prefix(picks, cfg.tau_prompt_len, cfg.tau_response_len)
 
 
-def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg: Config, rng, pad_id: int, R_of):
+def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg: Config, tau_key: tuple,
+               pad_id: int, R_of):
     """Sequences [τ] ⊕ x ⊕ y for examples idx (two per pair: chosen then rejected), with terminal
-    rewards R (B,). The same τ is used for both responses of a pair."""
+    rewards R (B,). The same τ for both responses of a pair; example i draws its τ from the stream
+    (seed, *tau_key, i), so the draws do not depend on how rows are split over ranks."""
     prompts, responses, R = [], [], []
     for i in idx:
         e = examples[i]
-        tau = draw_tau(i, e, pools, cfg.tau_k, rng, cfg)
+        tau = draw_tau(i, e, pools, cfg.tau_k, tu.python_rng(cfg.seed, *tau_key, i), cfg)
         keys = ("chosen", "rejected") if kind == "preference" else ("response",)
         for k in keys:
             prompts.append(tau + e["prompt"])
@@ -191,11 +193,10 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
     percentiles, overall and per sampling policy. Replicated on every rank (held-out sets are
     small), so no collective is skipped."""
     model.eval()
-    rng = random.Random(cfg.seed + 7)  # fixed τ draws: the same evaluation every time
     finals, means, pcts, td = [], [], {q: [] for q in (1, 5, 10, 90, 95, 99)}, [0.0, 0.0]
     for s in range(0, len(examples), batch_size):
         idx = list(range(s, min(s + batch_size, len(examples))))
-        batch = make_batch(examples, idx, kind, pools, cfg, rng, pad_id, R_of)
+        batch = make_batch(examples, idx, kind, pools, cfg, ("gvm/eval_tau",), pad_id, R_of)  # the same every time
         batch = {k: v.to(device) for k, v in batch.items()}
         u = model(batch["input_ids"], batch["attention_mask"]).float()
         w, mask = data.value_chain(u, batch["prompt_len"], batch["response_len"])
@@ -273,11 +274,10 @@ def load_rows(cfg: Config, tok, device) -> tuple[str, list, list]:
             eval_rows, stats = data.load_records(cfg.eval_data, kind, cfg.skip_bad)
             fu.print0(stats.summary())
         else:
-            random.Random(cfg.seed).shuffle(train_rows)
-            n_eval = max(1, int(len(train_rows) * cfg.eval_frac))
-            eval_rows, train_rows = train_rows[:n_eval], train_rows[n_eval:]
+            train_rows, eval_rows = tu.split_heldout(train_rows, len(train_rows), cfg.eval_frac, cfg.seed, kind)
     if not train_rows or not eval_rows:
-        sys.exit(f"gvm.py: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)}")
+        sys.exit(f"gvm.py: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)} "
+                 f"(a file needs at least 2 rows to split, or pass --eval_data)")
     if fu.rank() == 0:
         for split, rs in (("train", train_rows), ("eval", eval_rows)):
             name = f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"
@@ -293,7 +293,7 @@ def main(cfg: Config):
     if cfg.explain:
         return explain(cfg)
     device = fu.setup(cfg.device)
-    fu.seed_everything(cfg.seed, per_rank=False)  # same head init and data order on every rank
+    tu.seed_everything(cfg.seed)  # the same on every rank
     metrics_path = tu.start_metrics(cfg.out_dir, cfg)
     if not os.path.exists(cfg.model) and not cfg.data:
         sys.exit(f"gvm.py: no SFT policy at {cfg.model!r}; run `python sft.py` first (or pass --model)")
@@ -329,14 +329,14 @@ def main(cfg: Config):
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         sys.exit(f"gvm.py: {len(train)} training rows is fewer than one batch of {cfg.batch_size}")
-    rng, t0, step = random.Random(cfg.seed), time.time(), 0
+    t0, step = time.time(), 0
     bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
     for epoch in range(cfg.epochs):
         order = list(range(len(train)))
-        rng.shuffle(order)  # same order on every rank (same seed)
+        tu.python_rng(cfg.seed, "gvm/order", epoch).shuffle(order)  # the same order on every rank
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::fu.world()]  # this rank's rows
-            batch = make_batch(train, idx, kind, pools, cfg, rng, tok.pad_token_id, R_of)
+            batch = make_batch(train, idx, kind, pools, cfg, ("gvm/tau", step), tok.pad_token_id, R_of)
             batch = {k: v.to(device) for k, v in batch.items()}
 
             # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the

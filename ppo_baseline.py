@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -82,6 +81,7 @@ class Config:
     max_new_tokens: int = 16
     gradient_checkpointing: bool = False
     eval_prompts: int = 1024
+    eval_reward: str = ""
     save_every: int = 20
     resume: bool = False
     stop_after: int = 0
@@ -134,9 +134,11 @@ def load_pairs(cfg: Config):
         held, stats = data.load_records(cfg.eval_data, "preference", cfg.skip_bad)
         fu.print0(stats.summary())
         return rows, held
-    random.Random(cfg.seed).shuffle(rows)
-    n = max(1, int(len(rows) * cfg.eval_frac))
-    return rows[n:], rows[:n]
+    train, held = tu.split_heldout(rows, len(rows), cfg.eval_frac, cfg.seed, "preference")  # = gvm.py's split
+    if not held:
+        sys.exit(f"ppo_baseline.py: {cfg.data}: {len(rows)} pair(s); the reward model needs at least 2 (one held "
+                 "out), or pass --eval_data")
+    return train, held
 
 
 def pair_batch(rows: list[dict], tok, cfg: Config, trunc) -> dict:
@@ -165,7 +167,10 @@ def train_rm(cfg: Config, device) -> str:
     model = fu.shard(tu.new_value_model(cfg.model), device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
     per_epoch = len(train) // cfg.rm_batch_size
-    total, rng, step, t0 = per_epoch * cfg.rm_epochs, random.Random(cfg.seed), 0, time.time()
+    if per_epoch == 0:
+        sys.exit(f"ppo_baseline.py: {len(train)} training pairs is fewer than one batch of {cfg.rm_batch_size}; "
+                 "lower --rm_batch_size")
+    total, step, t0 = per_epoch * cfg.rm_epochs, 0, time.time()
     out = os.path.join(cfg.out_dir, "rm")
     metrics_path = os.path.join(cfg.out_dir, "rm_metrics.jsonl")
     if fu.rank() == 0 and os.path.exists(metrics_path):
@@ -173,7 +178,7 @@ def train_rm(cfg: Config, device) -> str:
     bar = tqdm(total=total, desc="rm", disable=fu.rank() != 0)
     for epoch in range(cfg.rm_epochs):
         order = list(range(len(train)))
-        rng.shuffle(order)
+        tu.python_rng(cfg.seed, "rm/order", epoch).shuffle(order)
         for s in range(per_epoch):
             idx = order[s * cfg.rm_batch_size:(s + 1) * cfg.rm_batch_size][fu.rank()::fu.world()]
             r = scores(model, pair_batch([train[i] for i in idx], tok, cfg, trunc), device)
@@ -247,7 +252,7 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
     total = cfg.steps * cfg.ppo_epochs * (per_rank // mb_rank)  # optimizer steps of the run (LR schedule)
     stats = {"clipfrac": [], "approx_kl": [], "entropy": [], "grad_norm": [], "value_loss": [], "critic_grad_norm": []}
     for epoch in range(cfg.ppo_epochs):
-        perm = torch.randperm(per_rank, generator=torch.Generator().manual_seed(step * 31 + epoch))
+        perm = torch.randperm(per_rank, generator=tu.torch_rng(cfg.seed, "minibatch", step, epoch))
         for mb in range(0, per_rank, mb_rank):
             mb_idx = perm[mb:mb + mb_rank]
             n_tokens = fu.all_reduce_sum(mask[mb_idx].sum().detach().clone()).item()  # global minibatch tokens
@@ -292,7 +297,7 @@ def main(cfg: Config):
     if cfg.rm_batch_size % fu.world():
         sys.exit(f"ppo_baseline.py: --rm_batch_size {cfg.rm_batch_size} must be divisible by the "
                  f"{fu.world()} processes")
-    fu.seed_everything(cfg.seed, per_rank=False)
+    tu.seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rm_path = cfg.rm or os.path.join(cfg.out_dir, "rm")
     if cfg.stage in ("rm", "all"):  # PPO only: the reward model, trained first
@@ -323,6 +328,11 @@ def main(cfg: Config):
 
     # prompts: each rank reads its own shard
     my_texts, my_prompts, eval_prompts, builtin = tu.load_prompts(cfg, tok, data.TruncationStats())
+    reward_fn = tu.load_reward_fn(cfg.eval_reward, builtin)
+
+    def evaluate():  # held-out reward and KL to the reference, before and after training
+        return tu.evaluate_policy(policy, ref, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens, reward_fn,
+                                  cfg.temperature, cfg.top_p, cfg.max_prompt_len)
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "opt_step": 0, "before": None}
@@ -332,8 +342,8 @@ def main(cfg: Config):
         tu.trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
-        state["before"] = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
-    fu.print0("before: " + " | ".join(f"{k} {v:.4f}" for k, v in state["before"].items()))
+        state["before"] = evaluate()
+    fu.print0("before: " + (" | ".join(f"{k} {v:.4f}" for k, v in state["before"].items()) or "no held-out prompts"))
 
     per_rank = cfg.batch_size // fu.world()
     t_start = time.time()
@@ -341,7 +351,7 @@ def main(cfg: Config):
                initial=state["step"], total=cfg.steps)
     for step in bar:
         t0 = time.time()
-        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + fu.rank())
+        gen = tu.torch_rng(cfg.seed, "rollout", step, fu.rank(), device=device)  # every draw: (seed, step, rank)
         idx = [(step * per_rank + i) % len(my_prompts) for i in range(per_rank)]
 
         # 1. rollout
@@ -367,15 +377,15 @@ def main(cfg: Config):
         m = {"rm/score": sc["score"].mean().item(), "critic/value_prompt": sc["old_values"][:, 0].mean().item(),
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
              "truncated": batch["truncated"].float().mean().item(), **stats}
-        if builtin:
-            m["gold_reward"] = tu.rollout_gold([my_texts[i] for i in idx], batch["response"], tok)
+        if reward_fn is not None:  # reporting only, never in a loss
+            m["reward"] = sum(tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)) / len(idx)
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
                                       "tokens_per_s": float(tokens) / dt})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
-        bar.set_postfix(gold=f"{m.get('gold_reward', float('nan')):.3f}", rm=f"{m['rm/score']:.3f}",
+        bar.set_postfix(reward=f"{m.get('reward', float('nan')):.3f}", rm=f"{m['rm/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             tu.save_checkpoint(ckpt, tok, state, trained)
@@ -386,12 +396,9 @@ def main(cfg: Config):
             return {"train/steps": state["step"]}
 
     # final evaluation and outputs
-    after = tu.evaluate_policy(policy, ref, tok, eval_prompts, cfg, device, builtin)
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
                "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")),
-               "eval/kl_to_ref": after["kl_to_ref"], "eval/response_len": after["response_len"]}
-    if builtin:
-        summary.update(tu.gold_summary(state["before"], after))
+               **tu.eval_summary(state["before"], evaluate())}
     tu.save_checkpoint(ckpt, tok, state, trained)
     fu.save_hf(policy, tok, cfg.out_dir)
     tu.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only

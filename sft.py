@@ -15,7 +15,6 @@ Launch:
 from __future__ import annotations
 
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -42,8 +41,10 @@ class Config:
     max_prompt_len: int = 512  # prompts longer than this are cut from the left
     max_response_len: int = 512  # responses longer than this are cut from the right
     n_train: int = 20000  # built-in task: number of demonstrations
-    eval_prompts: int = 1024  # built-in task: held-out prompts for the gold-reward evaluation
-    eval_size: int = 64  # real data: examples held out for eval NLL
+    eval_prompts: int = 1024  # built-in task: held-out prompts for the reward evaluation
+    eval_size: int = 64  # real data: examples held out (at most 10% of them), for eval NLL and --eval_reward
+    eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
+    max_new_tokens: int = 16  # evaluation: tokens per sampled response
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     log_every: int = 50
     seed: int = 0
@@ -57,39 +58,22 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.T
     return -(logp * mask).sum() * fu.world() / n_tokens
 
 
-def evaluate_builtin(model, tok, n_prompts: int, device, seed: int = 0) -> dict:
-    """Held-out gold reward, sampled at temperature 1 (mean, stderr) and greedy. Each rank scores
-    its own shard of the prompts; the means are combined over ranks."""
-    prompts = data.shard(data.builtin_prompts(n_prompts, "eval", seed=0), fu.rank(), fu.world())
-    gen = torch.Generator(device=device).manual_seed(seed + fu.rank())
-    out = {}
-    with fu.gathered(model):
-        for name, temp in (("gold_reward", 1.0), ("gold_reward_greedy", 0.0)):
-            ys = data.sample_texts(model, tok, prompts, 16, temp, 1.0, 256, gen, device)
-            r = [data.gold_reward(p, y) for p, y in zip(prompts, ys)]
-            s = torch.tensor([sum(r), sum(x * x for x in r), len(r)], dtype=torch.float64, device=device)
-            fu.all_reduce_sum(s)
-            m = (s[0] / s[2]).item()
-            out[f"eval/{name}"] = m
-            if temp > 0:
-                out[f"eval/{name}_stderr"] = math.sqrt(max(s[1].item() / s[2].item() - m * m, 0) / (s[2].item() - 1))
-    return out
-
-
 def main(cfg: Config):
     device = fu.setup(cfg.device)
-    fu.seed_everything(cfg.seed, per_rank=False)  # same initial weights on every rank
+    tu.seed_everything(cfg.seed)  # the same initial weights on every rank
     model, tok = tu.load_policy(cfg.model, cfg.seed)
     builtin = not cfg.data
+    reward_fn = tu.load_reward_fn(cfg.eval_reward, builtin)
 
     # data: tokenize with exact prompt/response boundaries, report truncation and skipped records
     if builtin:
         rows, eval_rows = data.builtin_sft_data(cfg.n_train, cfg.seed), []
+        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
     else:
         rows, stats = data.load_records(cfg.data, "sft", cfg.skip_bad)
         fu.print0(stats.summary())
-        random.Random(cfg.seed).shuffle(rows)
-        eval_rows, rows = rows[:cfg.eval_size], rows[cfg.eval_size:]
+        rows, eval_rows = tu.split_heldout(rows, cfg.eval_size, 0.1, cfg.seed, "sft")
+        eval_prompts = [r["prompt"] for r in eval_rows]
     trunc = data.TruncationStats()
     encode = lambda r: (data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc),
                         data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
@@ -101,20 +85,22 @@ def main(cfg: Config):
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics_path = tu.start_metrics(cfg.out_dir, cfg)
-    if builtin:
-        before = evaluate_builtin(model, tok, cfg.eval_prompts, device, cfg.seed)
-        fu.print0(f"untrained model: held-out gold reward {before['eval/gold_reward']:.3f} "
-                  f"± {before['eval/gold_reward_stderr']:.3f} (greedy {before['eval/gold_reward_greedy']:.3f})")
 
-    fu.seed_everything(cfg.seed)
-    order_rng, t0 = random.Random(cfg.seed), time.time()
-    order, cursor = [], 0
+    def evaluate():  # held-out reward of samples (temperature 1) and greedy; {} without a reward
+        return tu.evaluate_policy(model, None, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens, reward_fn,
+                                  max_prompt_len=cfg.max_prompt_len) if reward_fn else {}
+    before = evaluate()
+    if before:
+        fu.print0(f"before training: held-out reward {before['reward']:.3f} ± {before['reward_stderr']:.3f} "
+                  f"(greedy {before['reward_greedy']:.3f})")
+
+    t0, order, cursor, epoch = time.time(), [], 0, 0
     per_rank = cfg.batch_size // fu.world()
     bar = tqdm(range(cfg.steps), desc="sft", disable=fu.rank() != 0)
     for step in bar:
-        if cursor + cfg.batch_size > len(order):  # new epoch: same shuffle on every rank
-            order, cursor = list(range(len(train))), 0
-            order_rng.shuffle(order)
+        if cursor + cfg.batch_size > len(order):  # new epoch: the same shuffle on every rank
+            order, cursor, epoch = list(range(len(train))), 0, epoch + 1
+            tu.python_rng(cfg.seed, "sft/order", epoch).shuffle(order)
         idx = order[cursor:cursor + cfg.batch_size][fu.rank()::fu.world()][:per_rank]
         cursor += cfg.batch_size
         batch = data.collate_right([train[i][0] for i in idx], [train[i][1] for i in idx], tok.pad_token_id)
@@ -140,11 +126,8 @@ def main(cfg: Config):
             fu.append_jsonl(metrics_path, m)
             bar.set_postfix(loss=f"{m['train/loss']:.3f}")
 
-    summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0}
-    if builtin:
-        summary.update(evaluate_builtin(model, tok, cfg.eval_prompts, device, cfg.seed))
-        summary.update({f"{k}_untrained": v for k, v in before.items()})
-    elif held:
+    summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0, **tu.eval_summary(before, evaluate())}
+    if held:
         summary["eval/nll"] = eval_nll(model, held, tok.pad_token_id, device)
     fu.save_hf(model, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)

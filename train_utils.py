@@ -7,15 +7,20 @@ training script needs around the algorithm, written once:
      critic all have this shape — with save_value_model / load_value_model.
   2. Prompts and rollouts: load_prompts (the built-in task or a file, with a held-out split),
      rollout (one sampled response per prompt, in the layout every loss reads), frozen_logprobs.
-  3. Schedules and checks: lr_at (warmup + cosine), check_batch_sizes.
-  4. Evaluation: evaluate_policy (held-out reward sampled and greedy, KL to the reference).
+  3. Seeds, schedules and checks: seed_for (every random draw of a run comes from --seed, a
+     purpose, the step and the rank), lr_at (warmup + cosine), check_batch_sizes.
+  4. Evaluation: evaluate_policy (held-out reward sampled and greedy, KL to the reference) with a
+     reward plug-in (--eval_reward module:function; the built-in task's gold reward by default).
   5. Bookkeeping: metrics rows and summaries, resumable checkpoints.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import math
 import os
+import random
 import sys
 
 import torch
@@ -110,22 +115,37 @@ def save_value_model(model: ValueModel, tokenizer, path: str, config_name: str, 
 # ----------------------------------------------------------------------------------------------
 # 2. Prompts and rollouts
 
+def split_heldout(rows: list, n_eval: int, frac: float, seed: int, what: str) -> tuple[list, list]:
+    """(training rows, held-out rows): shuffled with --seed, then min(n_eval, max(1, frac·N)) rows
+    held out: at least one when there are two or more rows, never all of them; n_eval <= 0 holds
+    none out. The same (seed, what) gives the same split in every script (gvm.py and the RM)."""
+    rows = list(rows)
+    python_rng(seed, "split", what).shuffle(rows)
+    k = 0 if n_eval <= 0 or len(rows) < 2 else min(n_eval, max(1, int(frac * len(rows))), len(rows) - 1)
+    return rows[k:], rows[:k]
+
+
 def load_prompts(cfg, tok, trunc: data.TruncationStats):
     """(this rank's prompt texts, their token ids, held-out prompt texts, builtin?). Built-in task:
-    steps × batch_size training prompts and eval_prompts held-out ones; a file: the first
-    min(eval_prompts, 10%) prompts are held out. Each rank reads its own shard."""
+    steps × batch_size training prompts and eval_prompts held-out ones (the same held-out set for
+    every run and seed); a file: min(eval_prompts, 10%) prompts held out (split_heldout). Each rank
+    reads its own shard."""
     builtin = not cfg.prompts
     if builtin:
-        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=cfg.seed + 7)
+        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=seed_for(cfg.seed, "prompts"))
         eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
     else:
         rows, stats = data.load_records(cfg.prompts, "prompt")
         fu.print0(stats.summary())
-        n_eval = min(cfg.eval_prompts, len(rows) // 10)
-        eval_prompts, train_prompts = [r["prompt"] for r in rows[:n_eval]], [r["prompt"] for r in rows[n_eval:]]
+        train_rows, eval_rows = split_heldout(rows, cfg.eval_prompts, 0.1, cfg.seed, "prompts")
+        train_prompts, eval_prompts = [r["prompt"] for r in train_rows], [r["prompt"] for r in eval_rows]
+    if len(train_prompts) < fu.world():
+        sys.exit(f"{cfg.prompts}: {len(train_prompts)} training prompts for {fu.world()} processes; every "
+                 "process needs at least one")
     my_texts = data.shard(train_prompts, fu.rank(), fu.world())
     my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in my_texts]
-    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out; {trunc.summary()}")
+    fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out"
+              f"{' (no held-out evaluation)' if not eval_prompts else ''}; {trunc.summary()}")
     return my_texts, my_prompts, eval_prompts, builtin
 
 
@@ -163,7 +183,33 @@ def frozen_logprobs(model, batch: dict, T: int, temperature: float) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Schedules and checks
+# 3. Seeds, schedules and checks
+
+def seed_for(seed: int, *keys) -> int:
+    """The seed of one stream of random draws, from the run's --seed and what the stream is for,
+    e.g. seed_for(seed, "rollout", step, rank). Every random draw of a run comes from such a stream,
+    so runs with different --seed differ in every draw (minibatch order included), and a run
+    resumed at step k repeats exactly the draws an uninterrupted run makes from step k on."""
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: valid for torch and python
+
+
+def torch_rng(seed: int, *keys, device="cpu") -> torch.Generator:
+    """A torch.Generator on `device` for the stream seed_for(seed, *keys)."""
+    return torch.Generator(device=device).manual_seed(seed_for(seed, *keys))
+
+
+def python_rng(seed: int, *keys) -> random.Random:
+    """A random.Random for the stream seed_for(seed, *keys)."""
+    return random.Random(seed_for(seed, *keys))
+
+
+def seed_everything(seed: int):
+    """Seed the global python and torch generators, the same on every rank (initial weights)."""
+    s = seed_for(seed, "global")
+    random.seed(s)
+    torch.manual_seed(s)
+
 
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warmup to `peak`, then cosine decay to 10% of it."""
@@ -187,55 +233,94 @@ def check_batch_sizes(cfg, world: int, script: str):
 # ----------------------------------------------------------------------------------------------
 # 4. Evaluation (held-out prompts)
 
+def load_reward_fn(spec: str, builtin: bool):
+    """The evaluation reward: `module:function` names a Python callable f(prompt, response) -> float
+    (the module is imported from the working directory or PYTHONPATH); empty = the built-in task's
+    gold reward on the built-in task, and no reward (None) on your own prompts. Never used in a loss."""
+    if not spec:
+        return data.gold_reward if builtin else None
+    module, _, name = spec.partition(":")
+    sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(module), name) if name else None
+    except (ImportError, AttributeError) as e:
+        raise data.DataError(f"--eval_reward {spec!r}: cannot load it ({e})") from None
+    if not callable(fn):
+        raise data.DataError(f"--eval_reward {spec!r}: expected module:function naming a callable "
+                             "f(prompt, response) -> float")
+    return fn
+
+
+def rewards(reward_fn, prompts: list, response: torch.Tensor, tok) -> list[float]:
+    """reward_fn(prompt, decoded response) per row, checked to be a finite number."""
+    out = []
+    for p, r in zip(prompts, response):
+        v = reward_fn(p, data.decode_response(tok, r.tolist()))
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise data.DataError(f"the evaluation reward returned {v!r} (a finite number is required) for "
+                                 f"prompt {p!r}")
+        out.append(float(v))
+    return out
+
+
 @torch.no_grad()
-def evaluate_policy(policy, ref, tok, prompts: list, cfg, device, builtin: bool) -> dict:
-    """Sampled at the training temperature (mean, stderr) and greedy; KL to the reference
-    Σ_t (log π - log π_ref) per sampled response. Each rank evaluates its shard."""
+def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_tokens: int, reward_fn=None,
+                    temperature: float = 1.0, top_p: float = 1.0, max_prompt_len: int | None = None,
+                    batch_size: int = 256) -> dict:
+    """Held-out evaluation, each rank on its shard of `prompts`: responses sampled at `temperature`
+    (reward mean and stderr) and greedy (reward), and, with a reference, the KL to it per sampled
+    response Σ_t (log π - log π_ref) (mean and stderr). Without reward_fn only KL and length."""
+    if not prompts:
+        return {}
     mine = data.shard(prompts, fu.rank(), fu.world())
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + 12345 + fu.rank())
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
-    for i in range(0, len(mine), 256):
-        texts = mine[i:i + 256]
-        ids = [data.encode_prompt(tok, p, cfg.max_prompt_len) for p in texts]
-        b = rollout(policy, ids, tok, cfg.max_new_tokens, cfg.temperature, cfg.top_p, gen, device)
+    gen = torch_rng(seed, "eval", fu.rank(), device=device)
+    sums = torch.zeros(7, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
+    n_batches = math.ceil(math.ceil(len(prompts) / fu.world()) / batch_size)  # the same on every rank
+    for i in range(0, n_batches * batch_size, batch_size):
+        texts = mine[i:i + batch_size]
+        weight = 1.0 if texts else 0.0  # a rank with nothing left still joins the FSDP collectives
+        texts = texts or prompts[:1]
+        ids = [data.encode_prompt(tok, p, max_prompt_len) for p in texts]
+        b = rollout(policy, ids, tok, max_new_tokens, temperature, top_p, gen, device)
         T = b["response"].shape[1]
-        mask = data.response_mask(b["response_len"], T)
-        kl = ((frozen_logprobs(policy, b, T, cfg.temperature) - frozen_logprobs(ref, b, T, cfg.temperature))
-              * mask).sum(1)
-        bg = rollout(policy, ids, tok, cfg.max_new_tokens, 0.0, 1.0, gen, device)  # greedy
-        g, gg = ([data.gold_reward(p, data.decode_response(tok, r.tolist())) if builtin else 0.0
-                  for p, r in zip(texts, x["response"])] for x in (b, bg))
-        g, gg = torch.tensor(g, dtype=torch.float64), torch.tensor(gg, dtype=torch.float64)
-        sums += torch.stack([g.sum(), (g * g).sum(), gg.sum(), kl.double().sum().cpu(),
-                             torch.tensor(len(texts), dtype=torch.float64),
-                             b["response_len"].double().sum().cpu()]).to(device)
+        kl = torch.zeros(len(texts), dtype=torch.float64)
+        if ref is not None:
+            mask = data.response_mask(b["response_len"], T)
+            kl = ((frozen_logprobs(policy, b, T, temperature) - frozen_logprobs(ref, b, T, temperature))
+                  * mask).sum(1).double().cpu()
+        r = rg = torch.zeros(len(texts), dtype=torch.float64)
+        if reward_fn is not None:
+            greedy = rollout(policy, ids, tok, max_new_tokens, 0.0, 1.0, gen, device)
+            r = torch.tensor(rewards(reward_fn, texts, b["response"], tok), dtype=torch.float64)
+            rg = torch.tensor(rewards(reward_fn, texts, greedy["response"], tok), dtype=torch.float64)
+        sums += weight * torch.stack([r.sum(), (r * r).sum(), rg.sum(), kl.sum(), (kl * kl).sum(),
+                                      torch.tensor(float(len(texts)), dtype=torch.float64),
+                                      b["response_len"].double().sum().cpu()]).to(device)
     fu.all_reduce_sum(sums)
-    s, s2, sg, skl, n, sl = sums.tolist()
-    out = {"kl_to_ref": skl / n, "response_len": sl / n}
-    if builtin:
-        m = s / n
-        out.update({"gold_reward": m, "gold_reward_stderr": math.sqrt(max(s2 / n - m * m, 0) / max(n - 1, 1)),
-                    "gold_reward_greedy": sg / n})
+    s, s2, sg, skl, skl2, n, sl = sums.tolist()
+    stderr = lambda m, m2: math.sqrt(max(m2 / n - m * m, 0) / max(n - 1, 1))  # noqa: E731
+    out = {"response_len": sl / n}
+    if ref is not None:
+        out.update({"kl_to_ref": skl / n, "kl_to_ref_stderr": stderr(skl / n, skl2)})
+    if reward_fn is not None:
+        out.update({"reward": s / n, "reward_stderr": stderr(s / n, s2), "reward_greedy": sg / n})
+    return out
+
+
+def eval_summary(before: dict, after: dict) -> dict:
+    """summary.json's held-out evaluation entries, before and after training."""
+    out = {f"eval/{k}": v for k, v in after.items() if not k.startswith("reward")}
+    if "reward" in after:
+        out.update({"eval/reward_before": before["reward"], "eval/reward_after": after["reward"],
+                    "eval/reward_stderr": after["reward_stderr"], "eval/reward_stderr_before": before["reward_stderr"],
+                    "eval/reward_greedy_before": before["reward_greedy"],
+                    "eval/reward_greedy_after": after["reward_greedy"]})
     return out
 
 
 def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of pairs with a > b; ties count one half."""
     return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
-
-
-def rollout_gold(texts: list[str], response: torch.Tensor, tok) -> float:
-    """Mean gold reward of a rollout batch (built-in task; for reporting only, never in a loss)."""
-    return sum(data.gold_reward(p, data.decode_response(tok, r.tolist())) for p, r in zip(texts, response)) / len(texts)
-
-
-def gold_summary(before: dict, after: dict) -> dict:
-    """summary.json's held-out gold-reward entries (built-in task)."""
-    return {"eval/gold_reward_before": before["gold_reward"], "eval/gold_reward_after": after["gold_reward"],
-            "eval/gold_reward_stderr": after["gold_reward_stderr"],
-            "eval/gold_reward_stderr_before": before["gold_reward_stderr"],
-            "eval/gold_reward_greedy_before": before["gold_reward_greedy"],
-            "eval/gold_reward_greedy_after": after["gold_reward_greedy"]}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ f = lambda xs: f"{st.mean(xs):.3f} ± {st.stdev(xs):.3f}" if len(xs) > 1 else f"
 for name in ("td_k0", "paper_k0", "td_k2", "paper_k2"):
     s = [json.load(open(p)) for p in sorted(glob.glob(f"{OUT}/{name}_s*/summary.json"))]
     if s:
-        rows.append(f"| {name} | {f([x['eval/gold_reward_before'] for x in s])} | {f([x['eval/gold_reward_after'] for x in s])} "
-                    f"| {f([x['eval/gold_reward_greedy_after'] for x in s])} | {f([x['eval/kl_to_ref'] for x in s])} "
+        rows.append(f"| {name} | {f([x['eval/reward_before'] for x in s])} | {f([x['eval/reward_after'] for x in s])} "
+                    f"| {f([x['eval/reward_greedy_after'] for x in s])} | {f([x['eval/kl_to_ref'] for x in s])} "
                     f"| {st.mean(x['train/seconds'] for x in s):.0f} | {len(s)} |")
 open(f"{OUT}/table.md", "w").write("\n".join(rows) + "\n")
 print("\n".join(rows))

@@ -5,6 +5,7 @@ mean (sft.sft_loss with the all-reduced token count, as in sft.py).
   python tests/dist_fsdp_step.py OUT
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py OUT
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --reuse     # load one full state dict twice
+  torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --bn        # masked BN, one row per rank
 
 Writes OUT/model (fsdp_utils.save_hf), OUT/grads.safetensors and OUT/result.json (rank 0).
 Checks that only make sense inside the run (reload, load_full_state_dict, gathered) are asserted
@@ -138,5 +139,19 @@ def reuse_state_dict():
     fu.cleanup()
 
 
+def batch_norm_one_row_per_rank():
+    """docs/algorithm.md §10: the masked-BN vector split one row per rank gives the same output as
+    the whole batch in one process (the statistics are all-reduced in fp64)."""
+    import dvpo
+    fu.setup("cpu")
+    Q = torch.tensor([[0.2, 0.4, 0.6, 7.0], [-0.3, 0.1, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0]])
+    expected = torch.tensor([[0, 0.65938, 1.318761, 0], [-1.648451, -0.32969, 0, 0]])
+    r = fu.rank()
+    out = dvpo.masked_batch_norm(Q[r:r + 1], mask[r:r + 1])
+    assert torch.allclose(out, expected[r:r + 1], atol=1e-5), (r, out)
+    fu.cleanup()
+
+
 if __name__ == "__main__":
-    reuse_state_dict() if sys.argv[1] == "--reuse" else main(sys.argv[1])
+    {"--reuse": reuse_state_dict, "--bn": batch_norm_one_row_per_rank}.get(sys.argv[1], lambda: main(sys.argv[1]))()

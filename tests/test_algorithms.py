@@ -225,3 +225,55 @@ def test_ppo_baseline_shares_dvpo_hyperparameter_defaults():
     assert {"kl_beta", "lr", "clip_eps", "ppo_epochs", "batch_size", "steps", "lam"} <= shared
     diff = {n: (getattr(d, n), getattr(p, n)) for n in shared if getattr(d, n) != getattr(p, n)}
     assert not diff, diff
+
+
+def test_masked_batch_norm_large_mean_small_spread():
+    """Σx and Σx² are accumulated in fp64 (docs/algorithm.md §3): in fp32, mean 20 and std 1e-3
+    cancel catastrophically in Σx²/n - μ² and the output was off by ~3."""
+    x = 20 + 1e-3 * torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    ref = (x.double() - x.double().mean()) / x.double().std(unbiased=False)
+    out = dvpo.masked_batch_norm(x, torch.ones_like(x))
+    assert out.dtype == torch.float32 and (out.double() - ref).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------- seeds and held-out splits (train_utils)
+
+def test_seed_for_streams_differ_and_are_stable():
+    s = tu.seed_for(0, "rollout", 3, 0)
+    assert s == tu.seed_for(0, "rollout", 3, 0)  # a function of its arguments only (resume repeats draws)
+    others = {tu.seed_for(1, "rollout", 3, 0), tu.seed_for(0, "rollout", 4, 0), tu.seed_for(0, "rollout", 3, 1),
+              tu.seed_for(0, "minibatch", 3, 0)}
+    assert s not in others and len(others) == 4 and 0 <= s < 2**63
+    a = torch.randperm(32, generator=tu.torch_rng(0, "minibatch", 0, 0))
+    b = torch.randperm(32, generator=tu.torch_rng(1, "minibatch", 0, 0))
+    assert not torch.equal(a, b)  # --seed changes the minibatch order too
+
+
+@pytest.mark.parametrize("n, expected_held", [(1, 0), (2, 1), (9, 1), (10, 1), (64, 6)])
+def test_split_heldout_small_files(n, expected_held):
+    """min(requested, max(1, 10%)) held out, at least one training row, shuffled with the seed."""
+    rows = list(range(n))
+    train, held = tu.split_heldout(rows, 64, 0.1, seed=0, what="prompts")
+    assert len(held) == expected_held and len(train) == n - expected_held >= 1
+    assert sorted(train + held) == rows
+    assert tu.split_heldout(rows, 64, 0.1, seed=0, what="prompts") == (train, held)  # deterministic
+    assert len(tu.split_heldout(rows, 0, 0.1, seed=0, what="prompts")[1]) == 0  # 0 = nothing held out
+
+
+def test_split_heldout_is_shuffled_by_seed():
+    rows = list(range(100))
+    _, held0 = tu.split_heldout(rows, 10, 0.1, seed=0, what="x")
+    _, held1 = tu.split_heldout(rows, 10, 0.1, seed=1, what="x")
+    assert held0 != rows[:10] and held0 != held1
+
+
+def test_load_reward_fn(tmp_path, monkeypatch):
+    (tmp_path / "my_reward.py").write_text("def exact(prompt, response):\n    return float(response == 'ok')\n")
+    monkeypatch.chdir(tmp_path)
+    fn = tu.load_reward_fn("my_reward:exact", builtin=False)
+    assert fn("q", "ok") == 1.0 and fn("q", "no") == 0.0
+    assert tu.load_reward_fn("", builtin=True) is data.gold_reward
+    assert tu.load_reward_fn("", builtin=False) is None
+    for bad in ("my_reward:missing", "no_such_module:f", "my_reward"):
+        with pytest.raises(data.DataError, match="--eval_reward"):
+            tu.load_reward_fn(bad, builtin=False)

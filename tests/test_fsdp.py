@@ -83,3 +83,9 @@ def test_load_full_state_dict_leaves_callers_dict_intact():
     checkpoint). Under FSDP, set_model_state_dict(broadcast_from_rank0=True) replaces the dict's
     tensors by DTensors in place, and a second load then fails on rank 0 while rank 1 waits."""
     run(["--reuse"], nproc=2, timeout=120)
+
+
+def test_masked_batch_norm_statistics_are_global():
+    """One row of the docs/algorithm.md §10 masked-BN vector per rank: the all-reduced statistics
+    give each rank its rows of the single-process result."""
+    run(["--bn"], nproc=2, timeout=120)

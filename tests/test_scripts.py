@@ -120,13 +120,13 @@ def test_dvpo_smoke_single_process(tiny_sft, tiny_gvm, tmp_path, advantage):
     run(["dvpo.py", "--model", tiny_sft, "--gvm", tiny_gvm, "--out_dir", out, "--advantage", advantage] + DVPO_ARGS)
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["train/steps"] == 2 and s["advantage"] == advantage
-    for k in ("eval/gold_reward_before", "eval/gold_reward_after", "eval/gold_reward_stderr",
-              "eval/gold_reward_greedy_before", "eval/gold_reward_greedy_after", "eval/kl_to_ref", "train/seconds"):
+    for k in ("eval/reward_before", "eval/reward_after", "eval/reward_stderr", "eval/reward_greedy_before",
+              "eval/reward_greedy_after", "eval/kl_to_ref", "eval/kl_to_ref_stderr", "train/seconds"):
         assert k in s
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in rows] == [1, 2]
     for k in ("gvm/return", "kl", "entropy", "clipfrac", "approx_kl", "response_len", "truncated",
-              "tokens_per_s", "time/step_s", "memory/peak_gb", "gold_reward"):
+              "tokens_per_s", "time/step_s", "memory/peak_gb", "reward"):
         assert k in rows[-1]
     assert os.path.exists(os.path.join(out, "model.safetensors"))
     assert os.path.exists(os.path.join(out, "checkpoint", "trainer_state.pt"))
@@ -179,12 +179,12 @@ def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_gvm, tmp_path):
     out = str(tmp_path / "ppo")
     ppo_run(tiny_sft, tiny_gvm, out)
     s = json.load(open(os.path.join(out, "summary.json")))
-    for k in ("rm/pairwise_accuracy", "eval/gold_reward_before", "eval/gold_reward_after", "eval/gold_reward_stderr",
+    for k in ("rm/pairwise_accuracy", "eval/reward_before", "eval/reward_after", "eval/reward_stderr",
               "eval/kl_to_ref", "train/steps", "train/seconds"):
         assert k in s
     assert s["train/steps"] == 2
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    assert {"value_loss", "rm/score", "clipfrac", "gold_reward"} <= set(rows[-1])
+    assert {"value_loss", "rm/score", "clipfrac", "reward"} <= set(rows[-1])
     # the policy and the critic are each loadable on their own
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)

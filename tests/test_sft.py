@@ -39,10 +39,10 @@ def test_short_sft_run_raises_heldout_gold_reward(tmp_path):
     """150 steps on the built-in task; measured: gold reward 0.63 (greedy 0.84) from 0.002 untrained."""
     out = str(tmp_path / "sft")
     s = sft.main(sft.Config(steps=150, out_dir=out, eval_prompts=128, n_train=4000, log_every=50))
-    assert s["eval/gold_reward_untrained"] < 0.05
-    assert s["eval/gold_reward"] > 0.45, s
-    assert s["eval/gold_reward_greedy"] > 0.7, s
-    assert s["eval/gold_reward"] - s["eval/gold_reward_untrained"] > 10 * s["eval/gold_reward_stderr"]
+    assert s["eval/reward_before"] < 0.05  # the built-in task's gold reward, the default evaluation reward
+    assert s["eval/reward_after"] > 0.45, s
+    assert s["eval/reward_greedy_after"] > 0.7, s
+    assert s["eval/reward_after"] - s["eval/reward_before"] > 10 * s["eval/reward_stderr"]
 
     for name in ("config.json", "train_config.json", "metrics.jsonl", "summary.json", "model.safetensors",
                  "tokenizer.json", "tokenizer_config.json"):
@@ -88,7 +88,7 @@ def test_sft_on_real_format_file(tmp_path, capsys, form):
     assert json.load(open(tmp_path / "out" / "summary.json"))["eval/nll"] == pytest.approx(s["eval/nll"])
     assert len(open(tmp_path / "out" / "metrics.jsonl").read().splitlines()) == 5
     stdout = capsys.readouterr().out
-    assert "10 training examples, 2 held out" in stdout
+    assert "11 training examples, 1 held out" in stdout  # min(eval_size 2, 10% of 12 = 1)
     assert "truncated 12 prompts" in stdout
 
 
