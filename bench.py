@@ -181,12 +181,12 @@ def rl_step(method: str, models: dict, opts: dict, prompts: list, tok, acfg, dev
     t1 = clock(device)
     if method == "dvpo":
         sc = dvpo.score(models["policy"], models["ref"], models["gvm"], batch, [[] for _ in prompts], acfg.kl_beta,
-                        acfg, tok.pad_token_id, device)
+                        1.0, acfg, tok.pad_token_id, device)
         t2 = clock(device)
         _, opt_step = dvpo.update(models["policy"], opts["policy"], batch, sc, acfg, step, opt_step)
     else:
         sc = ppo_baseline.score(models["policy"], models["ref"], models["rm"], models["critic"], batch,
-                                acfg.kl_beta, acfg, device)
+                                acfg.kl_beta, 1.0, acfg, device)
         t2 = clock(device)
         _, opt_step = ppo_baseline.update(models["policy"], models["critic"], opts["policy"], opts["critic"], batch,
                                           sc, acfg, step, opt_step)

@@ -524,15 +524,61 @@ def mean_stderr(xs: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-def builtin_pairs(model, tokenizer, prompts: list[str], temperature: float, policy: str, bt_temperature: float,
+# Samplers of the built-in task (gvm.py --builtin_samplers): "T<t>" samples the SFT policy at
+# temperature t; "T<t>+late<p>" samples the same way, then replaces each digit of the response's second
+# half by a uniformly random digit with probability p: a policy indistinguishable from "T<t>" on early
+# tokens that slips late, so the value of a prefix depends on which policy will complete it (the case
+# trajectory conditioning τ is for, docs/algorithm.md §8).
+
+def parse_sampler(spec: str) -> tuple[float, float]:
+    """'T1.0' -> (temperature 1.0, late slip probability 0.0); 'T1.0+late0.5' -> (1.0, 0.5)."""
+    temp, _, late = spec.partition("+late")
+    try:
+        if not temp.startswith("T"):
+            raise ValueError
+        return float(temp[1:]), float(late) if late else 0.0
+    except ValueError:
+        raise ValueError(f"sampler {spec!r}: expected T<temperature> or T<temperature>+late<probability>") from None
+
+
+def late_slips(prompt: str, response: str, p: float, rng: random.Random, start: int = 0) -> str:
+    """Each character at response position i >= max(start, ceil(n/2)), n the number of digits to
+    sort, becomes a uniformly random digit with probability p (positions < start are kept: a prefix)."""
+    half = math.ceil(len(builtin_target(prompt)) / 2)
+    return "".join(rng.choice(string.digits) if i >= max(start, half) and rng.random() < p else c
+                   for i, c in enumerate(response))
+
+
+def sample_builtin(model, tokenizer, prompts: list[str], sampler: str, generator, rng: random.Random,
+                   prefixes: list[str] | None = None, max_new_tokens: int = 16, batch_size: int = 256,
+                   device="cpu") -> list[str]:
+    """Responses of `sampler` for built-in prompts; with prefixes, each continues prefixes[i] (kept
+    as is: the sampler's late slips touch only the new characters)."""
+    temperature, late = parse_sampler(sampler)
+    prefixes = prefixes or [""] * len(prompts)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ps, pre = prompts[i:i + batch_size], prefixes[i:i + batch_size]
+        ids = [encode_prompt(tokenizer, p) + tokenizer(x, add_special_tokens=False)["input_ids"]
+               for p, x in zip(ps, pre)]
+        enc = collate_left(ids, tokenizer.pad_token_id)
+        new, _, _ = generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+                             max_new_tokens - len(max(pre, key=len)), tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             temperature, 1.0, generator)
+        out += [x + decode_response(tokenizer, row.tolist()) for x, row in zip(pre, new)]
+    return [late_slips(p, y, late, rng, len(x)) if late else y for p, y, x in zip(prompts, out, prefixes)]
+
+
+def builtin_pairs(model, tokenizer, prompts: list[str], sampler: str, policy: str, bt_temperature: float,
                   seed: int, batch_size: int = 128, device="cpu") -> tuple[list[dict], int]:
-    """Preference pairs on the built-in task: two samples per prompt from `model` at `temperature`,
+    """Preference pairs on the built-in task: two responses per prompt from `sampler` (see above),
     labelled by the gold reward through Bradley-Terry noise. Pairs with identical texts carry no
     preference and are dropped; their count is returned. Each row keeps the gold rewards (for
     evaluation only) and the `policy` that sampled it."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    a = sample_texts(model, tokenizer, prompts, 16, temperature, 1.0, batch_size, gen, device)
-    b = sample_texts(model, tokenizer, prompts, 16, temperature, 1.0, batch_size, gen, device)
+    slips = random.Random(f"{seed}-slips")
+    a = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
+    b = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
     rng, rows, same = random.Random(seed), [], 0
     for p, ya, yb in zip(prompts, a, b):
         if ya == yb or not ya or not yb:

@@ -57,6 +57,7 @@ class Config:
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # PPO clip ε
     kl_beta: float = 0.2  # KL penalty β, the paper's (initial β when kl_target > 0)
+    normalize_reward: bool = True  # divide the GVM chain by the GVM's held-out std of w_T (docs/algorithm.md §7)
     kl_target: float = 0.0  # > 0: adaptive β (Ziegler et al. 2019) steering the KL to this value
     kl_horizon: int = 10000
     advantage: str = "td"  # td (GAE on the GVM chain) or paper (BN(Q) + KL-to-go, Eq. 2)
@@ -191,14 +192,16 @@ def draw_tau_from_pool(pool: list, prompt_ids: list[list[int]], K: int, gcfg: di
     return out
 
 
-def score(policy, ref, gvm, batch: dict, tau: list, beta: float, cfg: Config, pad_id: int, device) -> dict:
+def score(policy, ref, gvm, batch: dict, tau: list, beta: float, scale: float, cfg: Config, pad_id: int,
+          device) -> dict:
     """Steps 2-4: the frozen forwards, once per rollout batch (reused by every PPO epoch), the KL
-    penalty and the advantages. Returns mask, old_logp, kl, adv (B, T) and the GVM chain w (B, T+1)."""
+    penalty and the advantages. `scale`: the GVM's held-out std of w_T (1 = raw values). Returns
+    mask, old_logp, kl, adv (B, T) and the GVM chain w (B, T+1), divided by scale."""
     T = batch["response"].shape[1]
     mask = data.response_mask(batch["response_len"], T)  # (B, T)
     old_logp = tu.frozen_logprobs(policy, batch, T, cfg.temperature)
     ref_logp = tu.frozen_logprobs(ref, batch, T, cfg.temperature)
-    w = gvm_values(gvm, batch, tau, pad_id, device)  # (B, T+1)
+    w = gvm_values(gvm, batch, tau, pad_id, device) / scale  # (B, T+1), w_T on a unit scale (§7)
     kl = (old_logp - ref_logp) * mask  # k1 estimator
     r_kl = -beta * kl
     if cfg.advantage == "td":
@@ -234,6 +237,7 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
                 stats["approx_kl"].append(s["approx_kl"])
                 stats["entropy"].append(masked_mean(entropy.detach(), mask[i]).item())
             stats["grad_norm"].append(fu.grad_norm_clip(policy, cfg.grad_clip))
+            tu.check_finite(stats["grad_norm"][-1], "gradient norm (policy loss)", step + 1)  # all-reduced
             opt.step()
             opt_step += 1
     return {k: sum(v) / len(v) for k, v in stats.items()}, opt_step
@@ -260,6 +264,7 @@ def main(cfg: Config):
     ref, _ = tu.load_policy(cfg.model)
     gvm, _, gcfg = tu.load_value_model(cfg.gvm, "gvm_config.json", "train a GVM with `python gvm.py`")
     tau_k = gcfg.get("tau_k", 0) if cfg.tau_k < 0 else cfg.tau_k
+    scale = tu.value_scale(gcfg, cfg.normalize_reward, cfg.gvm)  # in `paper` mode BN(w / s) = BN(w): no change
     for frozen in (ref, gvm):
         frozen.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
@@ -305,7 +310,8 @@ def main(cfg: Config):
         # 2-4. frozen forwards (GVM on [τ] ⊕ x ⊕ y, τ from the previous step), KL penalty, advantages
         pool = state["tau_pool"] or list(zip(batch["prompt_ids"], tu.responses(batch)))
         tau = draw_tau_from_pool(pool, batch["prompt_ids"], tau_k, gcfg, rng)
-        sc = score(policy, ref, gvm, batch, tau, state["kl_beta"], cfg, tok.pad_token_id, device)
+        sc = score(policy, ref, gvm, batch, tau, state["kl_beta"], scale, cfg, tok.pad_token_id, device)
+        tu.check_finite(sc["adv"], "advantage", step + 1)  # from global batch statistics: every rank agrees
         t_score = time.time() - t0 - t_gen
 
         # 5. PPO epochs × minibatches × micro-batches; no value loss
@@ -324,7 +330,9 @@ def main(cfg: Config):
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
              "truncated": batch["truncated"].float().mean().item(), **stats}
         if reward_fn is not None:  # reporting only, never in a loss
-            m["reward"] = sum(tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)) / len(idx)
+            r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
+            m["reward"] = sum(r) / len(r)  # value drift: does the frozen GVM still rank this policy's samples?
+            m["gvm/reward_corr"] = tu.rank_correlation(terminal(w[:, 1:], mask), torch.tensor(r))
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
@@ -344,7 +352,7 @@ def main(cfg: Config):
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,
-               "tau_k": tau_k, **tu.eval_summary(state["before"], evaluate())}
+               "tau_k": tau_k, "gvm/scale": scale, **tu.eval_summary(state["before"], evaluate())}
     tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
     fu.save_hf(policy, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)
@@ -355,5 +363,5 @@ def main(cfg: Config):
 if __name__ == "__main__":
     try:
         main(fu.parse_config(Config))
-    except data.DataError as e:  # bad input: one clear line, no traceback
+    except (data.DataError, tu.NonFiniteError) as e:  # bad input or a NaN: one clear line, no traceback
         sys.exit(f"dvpo.py: {e}")

@@ -13,6 +13,10 @@ docs/algorithm.md §1, §2, §8).
   6. Evaluation (paper Table 4): held-out pairwise accuracy of w_T(chosen) > w_T(rejected), and of
      the chain's mean and P1..P99 percentiles; on the built-in task also the gold reward's own
      accuracy on the same noisy labels (the ceiling).
+  7. Scale (docs/algorithm.md §7): the mean and std of w_T over every held-out response, stored in
+     gvm_config.json; dvpo.py divides the chain by that std, so that β means the same for any GVM.
+  8. Return-to-go (built-in task, §11): how well w_{k-1} tracks the true expected gold reward of
+     completing a prefix y_<k with the sampler that wrote it (Monte Carlo): rank correlation.
 
 Launch:
   python gvm.py                                  # built-in task: pairs sampled from out/sft -> out/gvm
@@ -62,10 +66,13 @@ class Config:
     max_prompt_len: int = 512
     max_response_len: int = 512
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
-    # built-in task: pairs sampled from --model at these temperatures, one `policy` per temperature
+    # built-in task: pairs sampled from --model by each sampler
     builtin_prompts: int = 16000  # train prompts per sampler (each gives one pair)
     builtin_eval_prompts: int = 1000  # held-out prompts per sampler
-    builtin_temperatures: str = "1.0,1.5"
+    builtin_samplers: str = "T1.0,T1.5"  # samplers (data.parse_sampler), one `policy` each; "T1.0,T1.0+late0.5":
+    #                                       two that are alike early and differ late (the case τ is for)
+    rtg_prompts: int = 256  # built-in task: held-out prompts per sampler of the return-to-go metric (0 = off)
+    rtg_completions: int = 16  # Monte Carlo completions per prefix
     bt_temperature: float = 0.1  # Bradley-Terry label noise: P(a > b) = sigmoid((g_a - g_b) / t)
     # explain mode
     explain: bool = False  # print per-token values of one response instead of training
@@ -108,20 +115,30 @@ def gvm_loss(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, n_valid: floa
     return 0.5 * (mask * (w - G) ** 2).sum() / n_valid
 
 
+def rtg_metrics(values: torch.Tensor, returns: torch.Tensor) -> dict:
+    """How well values (N,) track Monte Carlo returns-to-go (N,) (docs/algorithm.md §11): Spearman's
+    rank correlation, and the mean squared error left after the best affine map a·v + b of the values
+    onto the returns (scale-free: the GVM predicts the ±1 preference target, not the gold reward)."""
+    v, g = values.double(), returns.double()
+    X = torch.stack([v, torch.ones_like(v)], 1)  # (N, 2)
+    coef = torch.linalg.lstsq(X, g[:, None]).solution  # (2, 1): least-squares a, b
+    return {"corr": tu.rank_correlation(v, g), "mse": (g - (X @ coef).squeeze(1)).square().mean().item()}
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: sequences with terminal rewards (and τ), batches
 
 def build_builtin_pairs(cfg: Config, model, tok, device):
-    """Built-in task: one pair per prompt from each sampler (SFT policy at each temperature),
+    """Built-in task: one pair per prompt from each sampler (the SFT policy, data.sample_builtin),
     gold-labelled with Bradley-Terry noise. Generated on rank 0, broadcast to the others."""
     rows = {"train": [], "eval": []}
     if fu.rank() == 0:
-        for i, temp in enumerate(float(t) for t in cfg.builtin_temperatures.split(",")):
+        for i, spec in enumerate(cfg.builtin_samplers.split(",")):
             for split, n in (("train", cfg.builtin_prompts), ("eval", cfg.builtin_eval_prompts)):
                 prompts = data.builtin_prompts(n, split, seed=tu.seed_for(cfg.seed, "pairs/prompts", i))
-                r, dropped = data.builtin_pairs(model, tok, prompts, temp, f"sft@T={temp}", cfg.bt_temperature,
+                r, dropped = data.builtin_pairs(model, tok, prompts, spec, f"sft@{spec}", cfg.bt_temperature,
                                                 seed=tu.seed_for(cfg.seed, "pairs", i, split), device=device)
-                print(f"built-in pairs: sampler sft@T={temp} {split}: {len(r)} pairs "
+                print(f"built-in pairs: sampler sft@{spec} {split}: {len(r)} pairs "
                       f"({dropped} prompts gave two identical responses: no preference, dropped)")
                 rows[split] += r
     return fu.broadcast_object(rows)
@@ -209,7 +226,9 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
         for q in pcts:
             pcts[q].append(torch.stack([torch.quantile(w[b, :last[b] + 1], q / 100) for b in range(len(w))]).cpu())
     model.train()
-    out = {"eval/td_loss": td[0] / td[1]}
+    w_T = torch.cat(finals).double()  # every held-out response (chosen and rejected alike)
+    out = {"eval/td_loss": td[0] / td[1], "eval/value_mean": w_T.mean().item(),
+           "eval/value_std": w_T.std(unbiased=False).item()}  # the scale RL divides by (docs/algorithm.md §7)
     if kind == "preference":  # rows alternate chosen, rejected
         table = {"final": torch.cat(finals), "mean": torch.cat(means)}
         table.update({f"P{q}": torch.cat(v) for q, v in pcts.items()})
@@ -222,6 +241,52 @@ def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, ba
                                                                      table["final"][1::2][sel])
         out["eval/value_chosen_mean"] = table["final"][0::2].mean().item()
         out["eval/value_rejected_mean"] = table["final"][1::2].mean().item()
+    return out
+
+
+RTG_POSITIONS = {"early": 1 / 6, "middle": 1 / 2, "late": 5 / 6}  # where in the response the prefix ends
+
+
+@torch.no_grad()
+def return_to_go(model, policy, tok, cfg: Config, device) -> dict:
+    """The return-to-go metric (built-in task, docs/algorithm.md §11). For cfg.rtg_prompts held-out
+    prompts and each sampler: one response y from the sampler; in it an early, a middle and a late
+    state s_k = x ⊕ y_<k (k = 1 + floor(f·T), f = 1/6, 1/2, 5/6, T = |y| + EOS); the true value of
+    s_k for that sampler estimated by Monte Carlo (the mean gold reward of cfg.rtg_completions
+    completions of s_k by the same sampler); the GVM's value of s_k, w_{k-1}, read on [τ] ⊕ x ⊕ y
+    with τ = K responses of the same sampler to other prompts. rtg_metrics overall, per sampler,
+    per position."""
+    model.eval()
+    prompts = data.builtin_prompts(cfg.rtg_prompts, "eval", seed=tu.seed_for(cfg.seed, "rtg/prompts"))
+    gen, slips = tu.torch_rng(cfg.seed, "rtg", device=device), tu.python_rng(cfg.seed, "rtg/slips")
+    values, returns, tags = [], [], []
+    for spec in cfg.builtin_samplers.split(","):
+        ys = data.sample_builtin(policy, tok, prompts, spec, gen, slips, device=device)
+        enc = [(data.encode_prompt(tok, p), data.encode_response(tok, y)) for p, y in zip(prompts, ys)]
+        rng = tu.python_rng(cfg.seed, "rtg/tau", spec)
+        tau = [data.tau_prefix([enc[j] for j in rng.sample([j for j in range(len(enc)) if prompts[j] != p],
+                                                           cfg.tau_k)], cfg.tau_prompt_len, cfg.tau_response_len)
+               for p in prompts]
+        batch = data.collate_right([t + e[0] for t, e in zip(tau, enc)], [e[1] for e in enc], tok.pad_token_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        w, _ = data.value_chain(model(batch["input_ids"], batch["attention_mask"]).float(), batch["prompt_len"],
+                                batch["response_len"])
+        cases = [(i, 1 + int(f * len(enc[i][1])), pos) for i in range(len(prompts)) for pos, f in RTG_POSITIONS.items()]
+        n = cfg.rtg_completions
+        done = data.sample_builtin(policy, tok, [prompts[i] for i, _, _ in cases for _ in range(n)], spec, gen, slips,
+                                   [ys[i][:k - 1] for i, k, _ in cases for _ in range(n)], device=device)
+        gold = torch.tensor([data.gold_reward(prompts[i], y) for (i, _, _), y in zip(
+            [c for c in cases for _ in range(n)], done)]).view(len(cases), n).mean(1)
+        values += [w[i, k - 1].item() for i, k, _ in cases]  # V(s_k) = w_{k-1}
+        returns += gold.tolist()
+        tags += [(f"sft@{spec}", pos) for _, _, pos in cases]
+    model.train()
+    values, returns = torch.tensor(values), torch.tensor(returns)
+    out = {f"eval/rtg_{k}": v for k, v in rtg_metrics(values, returns).items()}
+    groups = sorted({t[0] for t in tags}) + list(RTG_POSITIONS)
+    for g in groups:
+        sel = torch.tensor([g in t for t in tags])
+        out.update({f"eval/rtg_{k}/{g}": v for k, v in rtg_metrics(values[sel], returns[sel]).items()})
     return out
 
 
@@ -369,6 +434,10 @@ def main(cfg: Config):
     summary = {"train/pairs" if kind == "preference" else "train/rows": len(train),
                "eval/pairs" if kind == "preference" else "eval/rows": len(held),
                "train/steps": total, "train/seconds": time.time() - t0, "tau_k": cfg.tau_k, **ev}
+    if not cfg.data and cfg.rtg_prompts > 0:  # built-in task: does the GVM track the true return-to-go?
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+        summary.update(return_to_go(model, policy, tok, cfg, device))
+        del policy
     if "gold_chosen" in eval_rows[0]:
         g = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in eval_rows])
         summary["eval/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
@@ -376,12 +445,18 @@ def main(cfg: Config):
             sel = [i for i, r in enumerate(eval_rows) if r["policy"] == pol]
             summary[f"eval/gold_pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(g[sel, 0], g[sel, 1])
     gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
-            "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd}
+            "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
+            # fixed at training time, so the RL reward is stationary: dvpo.py divides the chain by value_std
+            "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
     tu.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)
     tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:
         fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +
                   ", ".join(f"{k} {v:.3f}" for k, v in summary["eval/pairwise_accuracy_table"].items()))
+    if "eval/rtg_corr" in summary:
+        fu.print0("return-to-go rank correlation (value of a prefix vs its Monte Carlo return): " +
+                  ", ".join(f"{k[len('eval/rtg_corr/'):] or 'all'} {v:.3f}" for k, v in summary.items()
+                            if k.startswith("eval/rtg_corr")))
     fu.print0(f"saved to {cfg.out_dir}")
     fu.cleanup()
     return summary

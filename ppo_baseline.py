@@ -71,6 +71,7 @@ class Config:
     grad_clip: float = 1.0
     clip_eps: float = 0.2
     value_clip: float = 0.2  # clip range of the value loss (around the rollout-time values)
+    normalize_reward: bool = True  # divide the RM score (and the critic's initial head) by the RM's held-out std
     kl_beta: float = 0.2
     kl_target: float = 0.0
     kl_horizon: int = 10000
@@ -201,7 +202,9 @@ def train_rm(cfg: Config, device) -> str:
         r = torch.cat([scores(model, pair_batch(held[i:i + 128], tok, cfg, trunc), device).cpu()
                        for i in range(0, len(held), 128)])
     summary = {"rm/pairwise_accuracy": tu.pairwise_accuracy(r[0::2], r[1::2]), "rm/pairs": len(train),
-               "rm/eval_pairs": len(held), "rm/seconds": time.time() - t0}
+               "rm/eval_pairs": len(held), "rm/seconds": time.time() - t0,
+               # the scale PPO divides the score by (docs/algorithm.md §7), over every held-out response
+               "value_mean": r.double().mean().item(), "value_std": r.double().std(unbiased=False).item()}
     if "gold_chosen" in held[0]:
         g = torch.tensor([[h["gold_chosen"], h["gold_rejected"]] for h in held])
         summary["rm/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
@@ -213,6 +216,14 @@ def train_rm(cfg: Config, device) -> str:
 # ----------------------------------------------------------------------------------------------
 # The step: score a rollout with the frozen models and the critic, then update policy and critic
 
+@torch.no_grad()
+def init_critic(critic, scale: float):
+    """The critic starts as the reward model, on the unit scale of the returns it will fit: the score
+    is divided by `scale` (docs/algorithm.md §7), so its value head is too."""
+    critic.value_head.weight.div_(scale)
+    critic.value_head.bias.div_(scale)
+
+
 def critic_values(critic, batch: dict, T: int) -> torch.Tensor:
     """V_t = V(s_t) for t = 1..T: the critic's value at the last token of s_t = x ⊕ y_<t, i.e. at
     position P+t-2 (the value chain's w_{t-1}); a fixed width T for every micro-batch. (B, T)"""
@@ -220,16 +231,16 @@ def critic_values(critic, batch: dict, T: int) -> torch.Tensor:
     return data.gather_response(u, batch["prompt_len"] - 1, T)
 
 
-def score(policy, ref, rm, critic, batch: dict, beta: float, cfg: Config, device) -> dict:
+def score(policy, ref, rm, critic, batch: dict, beta: float, scale: float, cfg: Config, device) -> dict:
     """Steps 3-4: the frozen forwards and the critic's old values, once per rollout batch, the KL
-    penalty, GAE and the returns. Returns mask, old_logp, kl, old_values, returns, adv (B, T) and
-    the RM score (B,)."""
+    penalty, GAE and the returns. `scale`: the RM's held-out std (1 = raw scores). Returns mask,
+    old_logp, kl, old_values, returns, adv (B, T) and the RM score (B,), divided by scale."""
     T = batch["response"].shape[1]
     mask = data.response_mask(batch["response_len"], T)  # (B, T)
     old_logp = tu.frozen_logprobs(policy, batch, T, cfg.temperature)
     ref_logp = tu.frozen_logprobs(ref, batch, T, cfg.temperature)
     with torch.inference_mode():  # PPO only: the reward model
-        rm_score = scores(rm, batch, device).clone()  # r(x, y), (B,)
+        rm_score = scores(rm, batch, device).clone() / scale  # r(x, y) on a unit scale (§7), (B,)
         fu.reshard(rm)
     with torch.no_grad():  # PPO only: the critic is trained, so no_grad, not inference_mode (tu.frozen_logprobs)
         old_values = critic_values(critic, batch, T) * mask  # V_t = w_{t-1}
@@ -238,8 +249,9 @@ def score(policy, ref, rm, critic, batch: dict, beta: float, cfg: Config, device
     r_kl = -beta * kl
     adv_raw = ppo_advantages(old_values, rm_score, r_kl, mask, cfg.gamma, cfg.lam)
     returns = (adv_raw + old_values) * mask
+    adv = masked_batch_norm(adv_raw, mask)
     return {"mask": mask, "old_logp": old_logp, "kl": kl, "score": rm_score, "old_values": old_values,
-            "returns": returns, "adv": masked_batch_norm(adv_raw, mask)}
+            "returns": returns, "adv": adv}
 
 
 def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, step: int,
@@ -278,6 +290,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
                 stats["value_loss"].append(vloss.item() * world)
             stats["grad_norm"].append(fu.grad_norm_clip(policy, cfg.grad_clip))
             stats["critic_grad_norm"].append(fu.grad_norm_clip(critic, cfg.grad_clip))
+            tu.check_finite(stats["grad_norm"][-1], "gradient norm (policy loss)", step + 1)  # all-reduced: every
+            tu.check_finite(stats["critic_grad_norm"][-1], "gradient norm (value loss)", step + 1)  # rank agrees
             opt.step()
             critic_opt.step()
             opt_step += 1
@@ -315,6 +329,9 @@ def main(cfg: Config):
     rm, _, rm_config = load_reward_model(rm_path)
     critic, _, _ = (tu.load_value_model(os.path.join(ckpt, "critic"), CRITIC_CONFIG, "a broken checkpoint") if resume
                     else load_reward_model(rm_path))  # PPO only: the critic starts as the reward model
+    scale = tu.value_scale(rm_config, cfg.normalize_reward, rm_path)
+    if not resume:
+        init_critic(critic, scale)
     for frozen in (ref, rm):
         frozen.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
@@ -360,7 +377,8 @@ def main(cfg: Config):
         t_gen = time.time() - t0
 
         # 2-4. frozen forwards (PPO only: reward model and critic), KL penalty, GAE with the critic
-        sc = score(policy, ref, rm, critic, batch, state["kl_beta"], cfg, device)
+        sc = score(policy, ref, rm, critic, batch, state["kl_beta"], scale, cfg, device)
+        tu.check_finite(sc["adv"], "advantage", step + 1)  # whitened over the global batch: every rank agrees
         t_score = time.time() - t0 - t_gen
 
         # 5. PPO epochs × minibatches × micro-batches: policy loss, plus the critic's value loss (PPO only)
@@ -378,7 +396,9 @@ def main(cfg: Config):
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
              "truncated": batch["truncated"].float().mean().item(), **stats}
         if reward_fn is not None:  # reporting only, never in a loss
-            m["reward"] = sum(tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)) / len(idx)
+            r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
+            m["reward"] = sum(r) / len(r)  # value drift: does the frozen RM still rank this policy's samples?
+            m["rm/reward_corr"] = tu.rank_correlation(sc["score"], torch.tensor(r))
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
@@ -397,7 +417,7 @@ def main(cfg: Config):
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
-               "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")),
+               "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")), "rm/scale": scale,
                **tu.eval_summary(state["before"], evaluate())}
     tu.save_checkpoint(ckpt, tok, state, trained)
     fu.save_hf(policy, tok, cfg.out_dir)
@@ -411,5 +431,5 @@ def main(cfg: Config):
 if __name__ == "__main__":
     try:
         main(fu.parse_config(Config))
-    except data.DataError as e:  # bad input: one clear line, no traceback
+    except (data.DataError, tu.NonFiniteError) as e:  # bad input or a NaN: one clear line, no traceback
         sys.exit(f"ppo_baseline.py: {e}")

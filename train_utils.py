@@ -88,6 +88,20 @@ def load_value_model(path: str, config_name: str, hint: str, dtype=torch.float32
     return model.to(dtype), load_tokenizer(path), config
 
 
+def value_scale(config: dict, normalize: bool, path: str) -> float:
+    """The std of a value model's terminal value over its held-out responses, recorded when it was
+    trained (docs/algorithm.md §7): RL divides w_T (or the RM score) by it. 1.0 when not normalizing."""
+    if not normalize:
+        return 1.0
+    if "value_std" not in config:
+        sys.exit(f"{path}: its config has no value_std (trained before scale normalization); train it "
+                 "again, or pass --normalize_reward false")
+    if not math.isfinite(config["value_std"]) or config["value_std"] <= 0:
+        sys.exit(f"{path}: value_std is {config['value_std']}: its terminal value is the same for every held-out "
+                 "response, so it ranks nothing; train it longer, or pass --normalize_reward false")
+    return float(config["value_std"])
+
+
 def split_value_state(sd: dict) -> tuple[dict, dict]:
     """Full ValueModel state dict -> (backbone state dict, value head state dict)."""
     backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
@@ -318,6 +332,28 @@ def eval_summary(before: dict, after: dict) -> dict:
     return out
 
 
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of a 1-D tensor, ties sharing their average rank."""
+    order = x.argsort()
+    r = torch.empty(len(x), dtype=torch.float64)
+    r[order] = torch.arange(len(x), dtype=torch.float64)
+    _, group = torch.unique(x, return_inverse=True)
+    total = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, group, r)
+    count = torch.zeros_like(total).index_add_(0, group, torch.ones_like(r))
+    return (total / count)[group]
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's ρ of two 1-D tensors: the Pearson correlation of their average ranks (ties
+    allowed); nan when either is constant or n < 2."""
+    if len(a) < 2:
+        return float("nan")
+    ra, rb = average_ranks(a.detach().cpu()), average_ranks(b.detach().cpu())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = (ra.square().sum() * rb.square().sum()).sqrt()
+    return float((ra * rb).sum() / denom) if denom > 0 else float("nan")
+
+
 def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
     """Share of pairs with a > b; ties count one half."""
     return ((a > b).float() + 0.5 * (a == b).float()).mean().item()
@@ -325,6 +361,18 @@ def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # 5. Bookkeeping: metrics, summaries, checkpoints
+
+class NonFiniteError(RuntimeError):
+    """A NaN or inf in a loss, an advantage or a gradient norm: the run stops (without saving)."""
+
+
+def check_finite(x, what: str, step: int):
+    """Raise NonFiniteError naming the step and the quantity if x has a NaN or inf. Call it on
+    quantities that are the same on every rank (all-reduced or derived from global statistics),
+    so that every rank stops at the same point instead of one of them waiting in a collective."""
+    if not torch.isfinite(torch.as_tensor(x)).all():
+        raise NonFiniteError(f"step {step}: non-finite {what}; stopped without saving this step")
+
 
 def start_metrics(out_dir: str, cfg, keep: bool = False) -> str:
     """Write train_config.json (config.json is the model's, as HF loaders require) and return the

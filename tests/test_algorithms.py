@@ -277,3 +277,17 @@ def test_load_reward_fn(tmp_path, monkeypatch):
     for bad in ("my_reward:missing", "no_such_module:f", "my_reward"):
         with pytest.raises(data.DataError, match="--eval_reward"):
             tu.load_reward_fn(bad, builtin=False)
+
+
+# ---------------------------------------------------------------- return-to-go metric (docs/algorithm.md §11)
+
+def test_rtg_metrics_constructed_cases():
+    v = T_([1.0, 2.0, 3.0, 4.0])
+    exact = gvm.rtg_metrics(v, 2 * v + 1)  # an affine function of the values: perfect on both counts
+    assert exact["corr"] == pytest.approx(1.0) and exact["mse"] == pytest.approx(0.0, abs=1e-12)
+    monotone = gvm.rtg_metrics(v, v ** 3)  # same order, not affine: rank correlation 1, some error left
+    assert monotone["corr"] == pytest.approx(1.0) and monotone["mse"] > 0.1
+    # by hand: ranks of [2, 1, 4, 3] -> Spearman 1 - 6·4/(4·15) = 0.6; affine fit g = 0.6 v + 1.0 leaves
+    # residuals [0.4, -1.2, 1.2, -0.4] -> mse 0.8
+    swapped = gvm.rtg_metrics(v, T_([2.0, 1.0, 4.0, 3.0]))
+    assert swapped["corr"] == pytest.approx(0.6) and swapped["mse"] == pytest.approx(0.8)

@@ -547,7 +547,7 @@ def test_sample_token_top_p_and_temperature():
 def test_builtin_pairs(tiny):
     model, tk = tiny
     prompts = data.builtin_prompts(16, "train", seed=0)
-    rows, same = data.builtin_pairs(model, tk, prompts, 1.0, "sft", 0.1, seed=0)
+    rows, same = data.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0)
     assert isinstance(same, int) and len(rows) + same == len(prompts) and len(rows) > 0
     for r in rows:
         assert set(r) == {"prompt", "chosen", "rejected", "policy", "gold_chosen", "gold_rejected"}
@@ -555,7 +555,7 @@ def test_builtin_pairs(tiny):
         assert r["chosen"] != r["rejected"] and r["chosen"] and r["rejected"]
         assert r["gold_chosen"] == data.gold_reward(r["prompt"], r["chosen"])
         assert r["gold_rejected"] == data.gold_reward(r["prompt"], r["rejected"])
-    assert data.builtin_pairs(model, tk, prompts, 1.0, "sft", 0.1, seed=0) == (rows, same)
+    assert data.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0) == (rows, same)
 
 
 def test_non_utf8_line_is_a_data_error_with_its_line(tmp_path):
@@ -572,3 +572,29 @@ def test_check_context_names_the_options():
     data.check_context(512, LlamaConfig(max_position_embeddings=512), "x")  # fits: no error
     with pytest.raises(data.DataError, match="more than the model's context of 512.*--max_prompt_len"):
         data.check_context(513, LlamaConfig(max_position_embeddings=512), "prompt + response")
+
+
+def test_parse_sampler_and_late_slips():
+    assert data.parse_sampler("T1.0") == (1.0, 0.0) and data.parse_sampler("T1.5+late0.25") == (1.5, 0.25)
+    for bad in ("1.0", "T", "Tx", "T1.0+latey"):
+        with pytest.raises(ValueError, match="sampler"):
+            data.parse_sampler(bad)
+    rng = random.Random(0)
+    prompt = "9876543:"  # 7 digits: the second half starts at position ceil(7/2) = 4
+    assert data.late_slips(prompt, "3456789", 0.0, rng) == "3456789"
+    slipped = [data.late_slips(prompt, "3456789", 1.0, rng) for _ in range(200)]
+    assert all(y[:4] == "3456" and len(y) == 7 and y[4:].isdigit() for y in slipped)  # early digits never slip
+    assert len({y[4:] for y in slipped}) > 50  # late ones are redrawn
+    assert all(data.late_slips(prompt, "3456789", 1.0, rng, start=6)[:6] == "345678" for _ in range(20))  # a prefix
+
+
+def test_sample_builtin_continues_prefixes(tiny):
+    model, tk = tiny
+    prompts = data.builtin_prompts(6, "eval")
+    prefixes = ["1", "12", "", "9", "00", "5"]
+    g = torch.Generator().manual_seed(0)
+    ys = data.sample_builtin(model, tk, prompts, "T1.0+late1.0", g, random.Random(0), prefixes)
+    assert all(y.startswith(x) for x, y in zip(prefixes, ys))
+    plain = data.sample_builtin(model, tk, prompts, "T1.0", torch.Generator().manual_seed(0), random.Random(0))
+    reference = data.sample_texts(model, tk, prompts, 16, 1.0, 1.0, 256, torch.Generator().manual_seed(0))
+    assert plain == reference  # a plain sampler is exactly temperature sampling
