@@ -132,6 +132,9 @@ def plot(res: dict, out: str, drift_beta: float | None):
         if before:
             ax.axhline(statistics.mean(before), color="gray", lw=0.8, ls=":", label="SFT policy (before RL)")
         ax.set_xscale("log")
+        ticks = [0.1, 0.2, 0.5, 1, 2, 5, 10]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("KL to the reference, nats per response (held-out)")
         ax.set_ylabel("held-out gold reward")
         ax.set_title(f"gold reward vs KL, {title} (labels: β)")
@@ -172,7 +175,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/frontier")
     ap.add_argument("--methods", default="ppo,dvpo_td,dvpo_paper")
-    ap.add_argument("--betas", default="0.02,0.05,0.1,0.2,0.5,1")
+    ap.add_argument("--betas", default="0.003,0.01,0.03,0.1,0.3,1")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--steps", default="40,120")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (one thread each)")
@@ -191,7 +194,7 @@ def main():
         t0 = time.time()
         if "ppo" in methods and not os.path.exists(os.path.join(out, "rm", "rm_config.json")):
             subprocess.run([sys.executable, "ppo_baseline.py", "--stage", "rm", "--out_dir", out], cwd=ROOT, check=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="2"))
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
         todo = [(m, b, s, n) for n in steps for s in seeds for b in betas for m in methods]
         print(f"{len(todo)} runs, {a.jobs} at a time -> {out}/runs", flush=True)
         with ThreadPoolExecutor(a.jobs) as pool:
