@@ -505,8 +505,11 @@ def resume_or_fresh(path: str, resume: str, overwrite: bool, script: str) -> boo
             elif source:
                 fu.print0(f"{path + source} (complete, step {step}) promoted to {path}")
     err, step = fu.broadcast_object((err, step))
-    if err:
-        sys.exit(f"{script}: {err}")
+    if err:  # one line (not one per rank), out before any rank exits: torchrun then stops the others
+        if fu.rank() == 0:
+            print(f"{script}: {err}", file=sys.stderr, flush=True)
+        fu.barrier()
+        sys.exit(1)
     return step is not None
 
 
