@@ -71,9 +71,9 @@ class Config:
     gradient_checkpointing: bool = False
     eval_prompts: int = 1024  # held-out prompts for the before/after evaluation (0 = none)
     eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
-    save_every: int = 20  # steps between checkpoints (0 = only at the end)
-    resume: bool = False  # continue from out_dir/checkpoint
-    stop_after: int = 0  # > 0: save a checkpoint and exit after this step, as if killed (tests resume)
+    save_every: int = 20  # steps between checkpoints (0 = only at the end); docs/checkpoints.md
+    resume: str = "no"  # no: start fresh, refused over a checkpoint | auto: resume if there is one | yes: must resume
+    overwrite: bool = False  # start fresh although out_dir holds a checkpoint (deletes it and metrics.jsonl)
     log_every: int = 1
     seed: int = 0
     device: str = "auto"
@@ -256,7 +256,7 @@ def main(cfg: Config):
     tu.check_batch_sizes(cfg, fu.world(), "dvpo.py")
     tu.seed_everything(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
-    resume = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    resume = tu.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "dvpo.py")  # recovers the newest complete one
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
     # models: trained policy, frozen reference (the initial policy), frozen GVM — all sharded alike
@@ -341,14 +341,8 @@ def main(cfg: Config):
             fu.append_jsonl(metrics_path, m)
         bar.set_postfix(reward=f"{m.get('reward', float('nan')):.3f}", ret=f"{m['gvm/return']:.3f}",
                         kl=f"{m['kl']:.3f}", clip=f"{m['clipfrac']:.2f}")
-        trained = {"policy": (policy, opt)}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            tu.save_checkpoint(ckpt, tok, state, trained)
-        if cfg.stop_after and step + 1 >= cfg.stop_after:
-            tu.save_checkpoint(ckpt, tok, state, trained)
-            fu.print0(f"stopped after step {step + 1} (--stop_after); continue with --resume")
-            fu.cleanup()
-            return {"train/steps": state["step"]}
+            tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,

@@ -84,8 +84,8 @@ class Config:
     eval_prompts: int = 1024
     eval_reward: str = ""
     save_every: int = 20
-    resume: bool = False
-    stop_after: int = 0
+    resume: str = "no"  # no | auto | yes, as in dvpo.py; resuming PPO with --stage all reuses out_dir/rm
+    overwrite: bool = False
     log_every: int = 1
     seed: int = 0
     device: str = "auto"
@@ -314,13 +314,15 @@ def main(cfg: Config):
     tu.seed_everything(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     rm_path = cfg.rm or os.path.join(cfg.out_dir, "rm")
-    if cfg.stage in ("rm", "all"):  # PPO only: the reward model, trained first
+    ckpt = os.path.join(cfg.out_dir, "checkpoint")
+    resume = cfg.stage != "rm" and tu.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "ppo_baseline.py")
+    if cfg.stage == "rm" or (cfg.stage == "all" and not resume):  # PPO only: the reward model, trained first
         rm_path = train_rm(cfg, device)
         if cfg.stage == "rm":
             fu.cleanup()
             return json.load(open(os.path.join(rm_path, RM_CONFIG)))
-    ckpt = os.path.join(cfg.out_dir, "checkpoint")
-    resume = cfg.resume and os.path.exists(os.path.join(ckpt, "trainer_state.pt"))
+    elif cfg.stage == "all":  # resuming: the reward model was trained before the first checkpoint
+        rm_path = os.path.join(cfg.out_dir, "rm")
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
     # models: trained policy and critic (PPO only: the critic), frozen reference and reward model
@@ -409,11 +411,6 @@ def main(cfg: Config):
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             tu.save_checkpoint(ckpt, tok, state, trained)
-        if cfg.stop_after and step + 1 >= cfg.stop_after:
-            tu.save_checkpoint(ckpt, tok, state, trained)
-            fu.print0(f"stopped after step {step + 1} (--stop_after); continue with --resume")
-            fu.cleanup()
-            return {"train/steps": state["step"]}
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
