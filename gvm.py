@@ -383,9 +383,10 @@ def main(cfg: Config):
 
     # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
     model = tu.new_value_model(cfg.model)
-    longest = max(len(e["prompt"]) + max(len(e[k]) for k in e if k in ("chosen", "rejected", "response"))
-                  for e in train + held)
-    data.check_context(longest + cfg.tau_k * (cfg.tau_prompt_len + cfg.tau_response_len), model.backbone.config,
+    prompt_max = max(len(e["prompt"]) for e in train + held)
+    response_max = max(len(e[k]) for e in train + held for k in e if k in ("chosen", "rejected", "response"))
+    tau_item = min(cfg.tau_prompt_len, prompt_max) + min(cfg.tau_response_len, response_max)  # its longest
+    data.check_context(prompt_max + response_max + cfg.tau_k * tau_item, model.backbone.config,
                        "τ + prompt + response")
     model = fu.shard(model, device)
     model.train()

@@ -43,11 +43,12 @@ def run(cmd: list, out_dir: str) -> float:
     return time.time() - t0
 
 
-def job(out: str, task: str, k: int, seed: int, extra: list) -> float:
+def job(out: str, task: str, k: int, seed: int, extra: list, dvpo_flags: list) -> float:
     """The GVM of (task, K, seed), then DVPO with it."""
     g = os.path.join(out, f"gvm_{task}_k{k}_s{seed}")
     dt = run(["gvm.py", "--tau_k", str(k), "--builtin_samplers", TASKS[task], "--seed", str(seed)] + extra, g)
-    return dt + run(["dvpo.py", "--gvm", g, "--seed", str(seed)], os.path.join(out, f"dvpo_{task}_k{k}_s{seed}"))
+    return dt + run(["dvpo.py", "--gvm", g, "--seed", str(seed)] + dvpo_flags,
+                    os.path.join(out, f"dvpo_{task}_k{k}_s{seed}"))
 
 
 def collect(out: str, tasks, ks, seeds) -> dict:
@@ -117,6 +118,7 @@ def main():
     ap.add_argument("--ks", default="0,2,4")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--dvpo_flags", default="", help="extra dvpo.py flags, e.g. '--kl_beta 0.1'")
     ap.add_argument("--plot_only", action="store_true")
     ap.add_argument("extra", nargs="*", help="extra gvm.py flags, after --")
     a = ap.parse_args()
@@ -128,7 +130,7 @@ def main():
         todo = [(t, k, s) for s in seeds for k in sorted(ks, reverse=True) for t in tasks]  # long jobs first
         t0 = time.time()
         with ThreadPoolExecutor(a.jobs) as pool:
-            for i, dt in enumerate(pool.map(lambda x: job(out, *x, a.extra), todo)):
+            for i, dt in enumerate(pool.map(lambda x: job(out, *x, a.extra, a.dvpo_flags.split()), todo)):
                 print(f"[{i + 1}/{len(todo)}] {todo[i]} {dt:.0f} s | {time.time() - t0:.0f} s so far", flush=True)
         print(f"ablation wall time {time.time() - t0:.0f} s")
     res = collect(out, tasks, ks, seeds)
