@@ -56,7 +56,7 @@ class Config:
     warmup_steps: int = 10  # optimizer steps
     grad_clip: float = 1.0
     clip_eps: float = 0.2  # PPO clip ε
-    kl_beta: float = 0.2  # KL penalty β, the paper's (initial β when kl_target > 0)
+    kl_beta: float = 0.1  # KL penalty β on unit-scale rewards, DVPO's best on the frontier (docs/results.md)
     normalize_reward: bool = True  # divide the GVM chain by the GVM's held-out std of w_T (docs/algorithm.md §7)
     kl_target: float = 0.0  # > 0: adaptive β (Ziegler et al. 2019) steering the KL to this value
     kl_horizon: int = 10000
