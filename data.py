@@ -21,7 +21,10 @@ What lives here (plumbing, no RL math):
      so the log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k},
      k = 0..T. `gather_response` reads these response-aligned slices per row, whatever the padding
      side; `value_chain` is the chain of a value model, `tau_prefix` renders τ (§8).
-  5. Sampling with a KV cache (temperature, top-p, cut at the first EOS, truncation flagged).
+  5. Sampling with a KV cache (temperature, top-p, cut at the first stop token, truncation flagged).
+     A response's end token: every training response ends with `end_of_turn_id` (the chat template's
+     end-of-turn token, e.g. <|im_end|>, else EOS); sampling stops at any of `stop_token_ids` (that
+     token, the tokenizer's EOS and the model's generation_config.eos_token_id).
 """
 from __future__ import annotations
 
