@@ -365,8 +365,8 @@ def _end_of_turn_id(tokenizer, template, eos_id: int) -> int:
         return eos_id
     marker = "\u2063dvpo-response\u2063"  # text no template rewrites: where the assistant's content ends
     try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
     except Exception:  # noqa: BLE001 — any template error (jinja raises its own types): keep EOS
         return eos_id
     if marker not in text:

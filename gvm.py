@@ -259,9 +259,10 @@ def explain(cfg: Config):
         u = model(batch["input_ids"], batch["attention_mask"]).float()
         w, _ = data.value_chain(u, batch["prompt_len"], batch["response_len"])
     w = w[0].tolist()
-    how = ("plain text" if isinstance(prompt, str) else "chat template" if tok.chat_template else
-           "role: content lines, no chat template") + (", --prompt as a user message: this GVM was trained on chat "
-                                                       "prompts" if not cfg.messages and isinstance(prompt, list) else "")
+    how = "plain text" if isinstance(prompt, str) else "chat template" if tok.chat_template else \
+        "role: content lines, no chat template"
+    if isinstance(prompt, list) and not cfg.messages:
+        how += ", --prompt as a user message: this GVM was trained on chat prompts"
     print(f"prompt ({how}), the exact {len(p)} tokens scored: {tok.convert_ids_to_tokens(p)}")
     print(f"w_0 = V(prompt) = {w[0]:+.3f}, read at the last prompt token")
     print(f"{'t':>3}  {'token':<12} {'w_t':>8} {'w_t - w_t-1':>12}")

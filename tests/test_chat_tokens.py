@@ -118,7 +118,8 @@ def test_rollout_and_evaluation_stop_at_every_stop_token(chat_tok):
 def chat_gvm(chat_tok, tmp_path):
     """A GVM folder (tiny backbone, zero head made non-zero) whose gvm_config says it was trained on chat prompts."""
     path = str(tmp_path / "lm")
-    data.build_tiny_model(chat_tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
+    lm = data.build_tiny_model(chat_tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    lm.save_pretrained(path)
     chat_tok.save_pretrained(path)
     model = tu.ValueModel(AutoModel.from_pretrained(path))
     torch.nn.init.normal_(model.value_head.weight, generator=torch.Generator().manual_seed(0))
@@ -148,7 +149,8 @@ def test_explain_scores_chat_prompts_through_the_template(chat_tok, chat_gvm, ca
     user_only = [{"role": "user", "content": "What is 6*7?"}]
     a, b = explain(capsys, chat_gvm, prompt="What is 6*7?"), explain(capsys, chat_gvm, messages=json.dumps(user_only))
     assert "--prompt as a user message" in a
-    assert scored_tokens(a) == scored_tokens(b) == chat_tok.convert_ids_to_tokens(data.encode_prompt(chat_tok, user_only))
+    expected = chat_tok.convert_ids_to_tokens(data.encode_prompt(chat_tok, user_only))
+    assert scored_tokens(a) == scored_tokens(b) == expected
     assert a.split("tokens scored:")[1] == b.split("tokens scored:")[1]
     # a GVM trained on plain prompts reads --prompt as plain text
     cfg_path = f"{chat_gvm}/{gvm.GVM_CONFIG}"

@@ -115,7 +115,8 @@ def test_chat_example_token_boundaries(smol):
     assert p + r == full[:len(p) + len(r)]
     eot, start = tok.convert_tokens_to_ids(EOT), tok.convert_tokens_to_ids("<|im_start|>")
     assert p.count(start) == 3 and p[0] == start and p[1] != start  # system, user, assistant header
-    assert tok.decode(p).endswith("<|im_start|>assistant\n") and r == tok("3", add_special_tokens=False)["input_ids"] + [eot]
+    assert tok.decode(p).endswith("<|im_start|>assistant\n")
+    assert r == tok("3", add_special_tokens=False)["input_ids"] + [eot]
     assert data.end_of_turn_id(tok) == eot and eot in data.stop_token_ids(tok)
     batch = data.collate_right([p], [r], tok.pad_token_id)  # what sft.py trains on
     T = int(batch["response_len"].max())

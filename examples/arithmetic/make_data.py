@@ -79,7 +79,8 @@ def make_pairs(cfg: Config):
     qs = questions(cfg.n_pair_questions, "pairs", cfg.seed)
     prompts = [chat(a, b) for a, b in qs]
     gen = tu.torch_rng(cfg.seed, "arithmetic/pairs")
-    answers = [data.sample_texts(model, tok, prompts, cfg.max_new_tokens, 1.0, 1.0, 128, gen) for _ in range(cfg.samples)]
+    answers = [data.sample_texts(model, tok, prompts, cfg.max_new_tokens, 1.0, 1.0, 128, gen)
+               for _ in range(cfg.samples)]
     rows, ties = [], {"all right": 0, "all wrong": 0}
     for i, p in enumerate(prompts):
         ys = [a[i] for a in answers]
