@@ -21,10 +21,14 @@ What lives here (plumbing, no RL math):
      so the log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k},
      k = 0..T. `gather_response` reads these response-aligned slices per row, whatever the padding
      side; `value_chain` is the chain of a value model, `tau_prefix` renders τ (§8).
-  5. Sampling with a KV cache (temperature, top-p, cut at the first EOS, truncation flagged).
+  5. Sampling with a KV cache (temperature, top-p, cut at the first stop token, truncation flagged).
+     A response's end token: every training response ends with `end_of_turn_id` (the chat template's
+     end-of-turn token, e.g. <|im_end|>, else EOS); sampling stops at any of `stop_token_ids` (that
+     token, the tokenizer's EOS and the model's generation_config.eos_token_id).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -345,10 +349,47 @@ def encode_prompt(tokenizer, prompt, max_len: int | None = None, stats: Truncati
     return ids
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The token that ends every response of the training data (SFT targets, GVM and RM rows): the
+    chat template's end-of-turn token when the tokenizer has a template (`<|im_end|>` for ChatML,
+    `<|eot_id|>` for Llama 3, even when the tokenizer's EOS is another token such as Qwen2.5's
+    `<|endoftext|>`), else the tokenizer's EOS. Found by rendering a one-turn conversation: the first
+    special token after the assistant's text. Templates that put none there (or fail to render a
+    user/assistant pair) end responses with EOS. Memoized per tokenizer and template."""
+    return _end_of_turn_id(tokenizer, tokenizer.chat_template, tokenizer.eos_token_id)
+
+
+@functools.lru_cache(maxsize=16)
+def _end_of_turn_id(tokenizer, template, eos_id: int) -> int:
+    if not template:
+        return eos_id
+    marker = "\u2063dvpo-response\u2063"  # text no template rewrites: where the assistant's content ends
+    try:
+        turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # noqa: BLE001 — any template error (jinja raises its own types): keep EOS
+        return eos_id
+    if marker not in text:
+        return eos_id
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    tail = tokenizer(text[text.index(marker) + len(marker):], add_special_tokens=False)["input_ids"]
+    return next((i for i in tail if i in special), eos_id)
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Tokens that end a sampled response: the tokenizer's EOS, the end-of-turn token of the
+    training data (end_of_turn_id) and the model's generation_config.eos_token_id (an int or a list:
+    Llama 3 and Qwen2.5 list several), sorted."""
+    extra = getattr(generation_config, "eos_token_id", None)
+    extra = [] if extra is None else [extra] if isinstance(extra, int) else list(extra)
+    return sorted({tokenizer.eos_token_id, end_of_turn_id(tokenizer), *extra} - {None})
+
+
 def encode_response(tokenizer, response: str, max_len: int | None = None,
                     stats: TruncationStats | None = None) -> list[int]:
-    """Response ids with no special tokens but one EOS at the end (lost if truncated)."""
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    """Response ids with no special tokens but one end token (end_of_turn_id: the chat template's
+    end-of-turn token, else EOS) at the end (lost if truncated)."""
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [end_of_turn_id(tokenizer)]
     if max_len is not None and len(ids) > max_len:
         ids = ids[:max_len]
         if stats is not None:
@@ -356,12 +397,12 @@ def encode_response(tokenizer, response: str, max_len: int | None = None,
     return ids
 
 
-def decode_response(tokenizer, ids) -> str:
-    """Text of a response, cut at the first EOS, special tokens dropped."""
-    ids = list(ids)
-    if tokenizer.eos_token_id in ids:
-        ids = ids[:ids.index(tokenizer.eos_token_id)]
-    return tokenizer.decode(ids, skip_special_tokens=True)
+def decode_response(tokenizer, ids, stop_ids=None) -> str:
+    """Text of a response, cut at its first stop token (stop_ids; default: the tokenizer's EOS and
+    end-of-turn token), special tokens dropped."""
+    ids, stops = list(ids), set(stop_token_ids(tokenizer) if stop_ids is None else stop_ids)
+    cut = next((i for i, t in enumerate(ids) if t in stops), len(ids))
+    return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
 def check_context(longest: int, model_config, what: str):
@@ -473,12 +514,14 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int, pad_id: int,
+def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
              temperature: float = 1.0, top_p: float = 1.0, generator=None, min_new_tokens: int = 0):
-    """Sample responses for left-padded prompts (B, P) with a KV cache.
+    """Sample responses for left-padded prompts (B, P) with a KV cache. eos_id: the stop token, or a
+    list of them (stop_token_ids); "EOS" below is any of them.
     Returns response ids (B, T) padded with pad_id after the first EOS, response_len (B,) counting
     the EOS, and truncated (B,) bool for rows that hit max_new_tokens without an EOS.
     min_new_tokens forces fixed-length generation (EOS is masked until then; used by bench.py)."""
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=input_ids.device)
     position = position_ids(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
     cache, logits = out.past_key_values, out.logits[:, -1]
@@ -489,12 +532,12 @@ def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int,
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             logits = logits.clone()
-            logits[:, eos_id] = -float("inf")
+            logits[:, stops] = -float("inf")
         tok = sample_token(logits, temperature, top_p, generator)
         tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         tokens.append(tok)
         length += (~done).long()
-        done |= tok == eos_id
+        done |= torch.isin(tok, stops)
         if bool(done.all()):  # note: a CPU-GPU sync point, once per token
             break
         pos = pos + 1
@@ -511,9 +554,10 @@ def sample_texts(model, tokenizer, prompts: list, max_new_tokens: int, temperatu
     out = []
     for i in range(0, len(prompts), batch_size):
         enc = collate_left([encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         ids, _, _ = generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens,
-                             tokenizer.eos_token_id, tokenizer.pad_token_id, temperature, top_p, generator)
-        out += [decode_response(tokenizer, row.tolist()) for row in ids]
+                             stops, tokenizer.pad_token_id, temperature, top_p, generator)
+        out += [decode_response(tokenizer, row.tolist(), stops) for row in ids]
     return out
 
 

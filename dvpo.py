@@ -339,7 +339,7 @@ def main(cfg: Config):
                                       "tokens_per_s": float(tokens) / dt})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
-        bar.set_postfix(reward=f"{m.get('reward', float('nan')):.3f}", ret=f"{m['gvm/return']:.3f}",
+        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), ret=f"{m['gvm/return']:.3f}",
                         kl=f"{m['kl']:.3f}", clip=f"{m['clipfrac']:.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})

@@ -23,6 +23,9 @@ Launch:
   python gvm.py --data prefs.jsonl --model <sft path> --out_dir out/gvm_real
   torchrun --nproc_per_node 8 gvm.py --data prefs.jsonl --model <sft path>
   python gvm.py --explain --gvm out/gvm --prompt "52817:" --response "12578"
+  python gvm.py --explain --gvm out/gvm_real --messages '[{"role": "user", "content": "Hi"}]' --response "Hello!"
+  (--messages goes through the tokenizer's chat template; a plain --prompt does too, as one user message, when
+  the GVM was trained on chat prompts — gvm_config.json's chat_prompts — and is encoded as plain text otherwise.)
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ class Config:
     # explain mode
     explain: bool = False  # print per-token values of one response instead of training
     gvm: str = "out/gvm"  # explain: the trained GVM folder
-    prompt: str = ""
+    prompt: str = ""  # explain: the prompt text (a user message when the GVM was trained on chat prompts)
+    messages: str = ""  # explain: the prompt as a JSON list of {role, content} messages (chat template)
     response: str = ""
     log_every: int = 10
     seed: int = 0
@@ -293,25 +297,45 @@ def return_to_go(model, policy, tok, cfg: Config, device) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Explain: per-token values (paper Figure 4)
 
+def explain_prompt(cfg: Config, gcfg: dict):
+    """The prompt to explain: --messages (a JSON list of {role, content}) as given; a plain --prompt as
+    one user message when the GVM was trained on chat prompts (gvm_config chat_prompts), so it is
+    encoded as training encoded its prompts; otherwise the text as is."""
+    if cfg.messages:
+        try:
+            return data.parse_prompt({"prompt": json.loads(cfg.messages)}, "--messages")["prompt"]
+        except json.JSONDecodeError as e:
+            raise data.DataError(f"--messages: invalid JSON: {e.msg}") from None
+    if not cfg.prompt:
+        raise data.DataError("--explain needs --prompt or --messages (and --response)")
+    return [{"role": "user", "content": cfg.prompt}] if gcfg.get("chat_prompts") else cfg.prompt
+
+
 def explain(cfg: Config):
     device = fu.setup(cfg.device)
     model, tok, gcfg = load_gvm(cfg.gvm)
     model.to(device).eval()
     if gcfg.get("tau_k", 0):
         print(f"note: this GVM was trained with tau_k={gcfg['tau_k']}; explaining without τ context")
-    p, r = data.encode_prompt(tok, cfg.prompt), data.encode_response(tok, cfg.response)
+    prompt = explain_prompt(cfg, gcfg)
+    p, r = data.encode_prompt(tok, prompt), data.encode_response(tok, cfg.response)
     batch = {k: v.to(device) for k, v in data.collate_right([p], [r], tok.pad_token_id).items()}
     with torch.inference_mode():
         u = model(batch["input_ids"], batch["attention_mask"]).float()
         w, _ = data.value_chain(u, batch["prompt_len"], batch["response_len"])
     w = w[0].tolist()
-    print(f"prompt {cfg.prompt!r}: w_0 = V(prompt) = {w[0]:+.3f}")
+    how = "plain text" if isinstance(prompt, str) else "chat template" if tok.chat_template else \
+        "role: content lines, no chat template"
+    if isinstance(prompt, list) and not cfg.messages:
+        how += ", --prompt as a user message: this GVM was trained on chat prompts"
+    print(f"prompt ({how}), the exact {len(p)} tokens scored: {tok.convert_ids_to_tokens(p)}")
+    print(f"w_0 = V(prompt) = {w[0]:+.3f}, read at the last prompt token")
     print(f"{'t':>3}  {'token':<12} {'w_t':>8} {'w_t - w_t-1':>12}")
     for t, tid in enumerate(r, 1):
         bar = "+" * round(max(w[t] - w[t - 1], 0) * 20) or "-" * round(max(w[t - 1] - w[t], 0) * 20)
         print(f"{t:>3}  {tok.convert_ids_to_tokens(tid)!r:<12} {w[t]:>+8.3f} {w[t] - w[t - 1]:>+12.3f}  {bar}")
     print(f"terminal value w_T = {w[-1]:+.3f} (the GVM's estimate of the response's reward)")
-    if not cfg.prompt.endswith(":") or not cfg.prompt[:-1].isdigit():
+    if not isinstance(prompt, str) or not prompt.endswith(":") or not prompt[:-1].isdigit():
         return
     print(f"gold reward (built-in task) = {data.gold_reward(cfg.prompt, cfg.response):.3f}")
 
@@ -358,6 +382,8 @@ def main(cfg: Config):
     if cfg.explain:
         return explain(cfg)
     device = fu.setup(cfg.device)
+    if cfg.batch_size % fu.world():  # every rank needs rows in every batch
+        sys.exit(f"gvm.py: --batch_size {cfg.batch_size} must be divisible by the {fu.world()} processes")
     tu.seed_everything(cfg.seed)  # the same on every rank
     metrics_path = tu.start_metrics(cfg.out_dir, cfg)
     if not os.path.exists(cfg.model) and not cfg.data:
@@ -447,6 +473,7 @@ def main(cfg: Config):
             summary[f"eval/gold_pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(g[sel, 0], g[sel, 1])
     gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
             "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
+            "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows),  # --explain encodes alike
             # fixed at training time, so the RL reward is stationary: dvpo.py divides the chain by value_std
             "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
     tu.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)

@@ -407,7 +407,7 @@ def main(cfg: Config):
                                       "tokens_per_s": float(tokens) / dt})
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
-        bar.set_postfix(reward=f"{m.get('reward', float('nan')):.3f}", rm=f"{m['rm/score']:.3f}",
+        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), rm=f"{m['rm/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             tu.save_checkpoint(ckpt, tok, state, trained)

@@ -79,6 +79,11 @@ def main(cfg: Config):
                         data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
     train, held = [encode(r) for r in rows], [encode(r) for r in eval_rows]
     fu.print0(f"{len(train)} training examples, {len(held)} held out; {trunc.summary()}")
+    if cfg.batch_size % fu.world():
+        sys.exit(f"sft.py: --batch_size {cfg.batch_size} must be divisible by the {fu.world()} processes")
+    if len(train) < fu.world():  # a rank without rows would have nothing to collate
+        sys.exit(f"sft.py: {len(train)} training example(s) for {fu.world()} processes; every process needs "
+                 "at least one (lower --eval_size, or use fewer processes)")
     data.check_context(max(len(p) + len(r) for p, r in train + held), model.config, "prompt + response")
 
     model = fu.shard(model, device)

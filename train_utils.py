@@ -173,9 +173,10 @@ def rollout(policy, prompt_ids: list[list[int]], tok, max_new_tokens: int, tempe
     responses (width T), so every row's response starts at column P: prompt_len = P for all rows."""
     enc = data.collate_left(prompt_ids, tok.pad_token_id)
     enc = {k: v.to(device) for k, v in enc.items()}
+    stops = data.stop_token_ids(tok, getattr(policy, "generation_config", None))  # EOS, end of turn, the model's
     with fu.gathered(policy):  # eval mode, parameters gathered once for the whole rollout
         resp, resp_len, truncated = data.generate(
-            policy, enc["input_ids"], enc["attention_mask"], max_new_tokens, tok.eos_token_id,
+            policy, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops,
             tok.pad_token_id, temperature, top_p, generator, min_new_tokens)
     B, P, T = resp.shape[0], enc["input_ids"].shape[1], resp.shape[1]
     return {"input_ids": torch.cat([enc["input_ids"], resp], 1),
