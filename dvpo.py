@@ -332,7 +332,9 @@ def main(cfg: Config):
         if reward_fn is not None:  # reporting only, never in a loss
             r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen GVM still rank this policy's samples?
-            m["gvm/reward_corr"] = tu.rank_correlation(terminal(w[:, 1:], mask), torch.tensor(r))
+            corr = tu.rank_correlation(terminal(w[:, 1:], mask), torch.tensor(r))
+            if corr == corr:  # nan (undefined) when every reward in the batch is equal: not logged
+                m["gvm/reward_corr"] = corr
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
