@@ -43,10 +43,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import data
 import dvpo
 import fsdp_utils as fu
 import ppo_baseline
+import task
 import train_utils as tu
 
 
@@ -76,7 +76,7 @@ class Config:
 # Llama shapes (num_key_value_heads = num_attention_heads); with a vocab of 100 the blocks hold
 # nearly every parameter: 4·H² (attention) + 3·H·I (MLP) per layer.
 PRESETS = {
-    "tiny": {},  # data.TINY_PRESET: 3 × (H 128, I 384), ~0.6M
+    "tiny": {},  # task.TINY_PRESET: 3 × (H 128, I 384), ~0.6M
     "50m": dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=10, num_attention_heads=10),  # 49.7M
     "150m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16),  # 154M
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32),  # 1.07B
@@ -144,8 +144,8 @@ def write_preset(cfg: Config) -> str:
     models from disk exactly as the training scripts do."""
     path = os.path.join(cfg.out_dir, f"model_{cfg.preset}")
     if not os.path.exists(os.path.join(path, "config.json")):
-        tok = data.build_char_tokenizer()
-        data.build_tiny_model(tok, seed=cfg.seed, **PRESETS[cfg.preset]).save_pretrained(path)
+        tok = task.build_char_tokenizer()
+        task.build_tiny_model(tok, seed=cfg.seed, **PRESETS[cfg.preset]).save_pretrained(path)
         tok.save_pretrained(path)
     return path
 

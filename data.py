@@ -1,27 +1,17 @@
-"""data.py — tasks, data formats, tokenization, collation and sampling shared by every script.
+"""data.py — data formats, tokenization, collation and sampling shared by every script.
 
-What lives here (plumbing, no RL math):
-  1. The built-in task: sort a short list of digits. Prompt "52817:" -> response "12578" + EOS.
-     A hidden gold reward scores a response by the share of positions that hold the right digit:
-         gold(x, y) = #{i : y_i = sorted(x)_i} / max(|sorted(x)|, |y|)          in [0, 1]
-     so every wrong token lowers it and 1.0 is reachable. Demonstrations are deliberately flawed:
-     random slips (p = 0.25 per digit) and one systematic confusion (7 written as 1 with p = 0.6),
-     so an SFT policy lands well below 1.0 even when decoded greedily, and RL has to learn from
-     preferences what imitation cannot. The training code only ever sees
-     the gold reward through Bradley-Terry preference labels: P(a > b) = sigmoid((g_a - g_b) / t).
-  2. A character-level tokenizer (printable ASCII + \\t \\n, pad, eos, unk) built in code as a
-     `PreTrainedTokenizerFast`, and a tiny Llama built from a config: no download anywhere.
-  3. Real data from JSONL / JSON-array files: preferences {prompt, chosen, rejected} (strings or
+What lives here (plumbing, no RL math; the built-in task and its tiny model are in task.py):
+  1. Real data from JSONL / JSON-array files: preferences {prompt, chosen, rejected} (strings or
      chat-message lists; HH-RLHF transcripts are split at the last "\\n\\nAssistant:"), the released
      DVPO code's {question, response_j, response_k}, scored {prompt, response, score}, prompts
      {prompt} or {messages}, SFT {prompt, response} or {messages}; an optional `policy` field.
      A malformed record raises `DataError("file:line: field 'x': ...")`, or is skipped and counted
      with skip_bad=True.
-  4. Token layout (docs/algorithm.md §1): sequence z = x ⊕ y. Logits at position i score z_{i+1},
+  2. Token layout (docs/algorithm.md §1): sequence z = x ⊕ y. Logits at position i score z_{i+1},
      so the log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k},
      k = 0..T. `gather_response` reads these response-aligned slices per row, whatever the padding
      side; `value_chain` is the chain of a value model, `tau_prefix` renders τ (§8).
-  5. Sampling with a KV cache (temperature, top-p, cut at the first stop token, truncation flagged).
+  3. Sampling with a KV cache (temperature, top-p, cut at the first stop token, truncation flagged).
      A response's end token: every training response ends with `end_of_turn_id` (the chat template's
      end-of-turn token, e.g. <|im_end|>, else EOS); sampling stops at any of `stop_token_ids` (that
      token, the tokenizer's EOS and the model's generation_config.eos_token_id).
@@ -29,108 +19,15 @@ What lives here (plumbing, no RL math):
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
-import random
-import string
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 # ----------------------------------------------------------------------------------------------
-# 1. The built-in task: sort digits, with a hidden gold reward
-
-BUILTIN_MIN_DIGITS, BUILTIN_MAX_DIGITS = 4, 7
-BUILTIN_DEMO_ERROR = 0.25 # probability that a demonstration digit is replaced by a random digit
-BUILTIN_CONFUSION = ("7", "1", 0.6)  # ... and the demonstrator writes 7 as 1 more often than not
-
-
-def _is_heldout(prompt: str) -> bool:
-    """Deterministic split by content hash: 1 prompt in 8 is held out, never seen in training."""
-    return hashlib.sha256(prompt.encode()).digest()[0] % 8 == 0
-
-
-def builtin_prompts(n: int, split: str = "train", seed: int = 0) -> list[str]:
-    """n prompts like "52817:" from a seeded generator; 'train' and 'eval' splits are disjoint."""
-    if split not in ("train", "eval"):
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    rng = random.Random(f"builtin-{split}-{seed}")
-    out = []
-    while len(out) < n:
-        k = rng.randint(BUILTIN_MIN_DIGITS, BUILTIN_MAX_DIGITS)
-        p = "".join(rng.choice(string.digits) for _ in range(k)) + ":"
-        if _is_heldout(p) == (split == "eval"):
-            out.append(p)
-    return out
-
-
-def builtin_target(prompt: str) -> str:
-    return "".join(sorted(prompt.rstrip(":")))
-
-
-def gold_reward(prompt: str, response: str) -> float:
-    """Share of positions holding the right digit: #{i: y_i = t_i} / max(|t|, |y|), in [0, 1]."""
-    target = builtin_target(prompt)
-    hits = sum(a == b for a, b in zip(response, target))
-    return hits / max(len(target), len(response), 1)
-
-
-def builtin_demo(prompt: str, rng: random.Random, error: float = BUILTIN_DEMO_ERROR,
-                 confusion: tuple = BUILTIN_CONFUSION) -> str:
-    """A deliberately imperfect demonstration of the sorted answer: a systematic confusion
-    (7 written as 1 with probability 0.6, so imitation's most likely answer is wrong) and random
-    slips (any digit replaced by a uniformly random one with probability `error`)."""
-    src, dst, p_conf = confusion
-    out = []
-    for c in builtin_target(prompt):
-        if c == src and rng.random() < p_conf:
-            c = dst
-        out.append(rng.choice(string.digits) if rng.random() < error else c)
-    return "".join(out)
-
-
-def builtin_sft_data(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(f"builtin-demos-{seed}")
-    return [{"prompt": p, "response": builtin_demo(p, rng)} for p in builtin_prompts(n, "train", seed)]
-
-
-def build_char_tokenizer():
-    """Character-level tokenizer over printable ASCII plus \\t and \\n; ids 0/1/2 = pad/eos/unk.
-    A standard `PreTrainedTokenizerFast`: save_pretrained / AutoTokenizer.from_pretrained work."""
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for c in ["\t", "\n"] + [chr(i) for i in range(32, 127)]:
-        vocab[c] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # one token per char
-    tk.decoder = decoders.Fuse()  # join tokens without spaces
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-TINY_PRESET = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4)
-
-
-def build_tiny_model(tokenizer, seed: int = 0, **overrides):
-    """A tiny Llama (~0.6M parameters) from a config; no weights are downloaded."""
-    kw = dict(TINY_PRESET, **overrides)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=False,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                      bos_token_id=None, num_key_value_heads=kw["num_attention_heads"], **kw)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(cfg)
-
-
-def bt_label(g_a: float, g_b: float, temperature: float, rng: random.Random) -> bool:
-    """Bradley-Terry noisy label: True means a is preferred, with P = sigmoid((g_a - g_b) / t)."""
-    return rng.random() < 1.0 / (1.0 + math.exp(-(g_a - g_b) / temperature))
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Real data formats
+# 1. Real data formats
 
 class DataError(ValueError):
     """A malformed record; the message names the file, the line (or array item) and the field."""
@@ -156,7 +53,6 @@ def read_records(path: str) -> list[tuple[str, object]]:
         raw = open(path, "rb").read()
     except OSError as e:
         raise DataError(f"{path}: cannot read file: {e}") from None
-    lines = raw.split(b"\n")
     if raw.lstrip().startswith(b"["):
         try:
             items = json.loads(raw.decode("utf-8"))
@@ -167,7 +63,7 @@ def read_records(path: str) -> list[tuple[str, object]]:
             raise DataError(f"{path}:{e.lineno}: invalid JSON array: {e.msg}") from None
         return [(f"{path}: item {i}", r) for i, r in enumerate(items)]
     out = []
-    for n, bline in enumerate(lines, 1):
+    for n, bline in enumerate(raw.split(b"\n"), 1):
         try:
             line = bline.decode("utf-8")
         except UnicodeDecodeError:
@@ -317,7 +213,7 @@ def load_records(path: str, kind: str, skip_bad: bool = False) -> tuple[list[dic
 
 
 # ----------------------------------------------------------------------------------------------
-# Tokenization: exact prompt/response boundaries
+# 2. Tokenization: exact prompt/response boundaries
 
 @dataclass
 class TruncationStats:
@@ -413,13 +309,8 @@ def check_context(longest: int, model_config, what: str):
                         f"positions; lower --max_prompt_len / --max_response_len (or --max_new_tokens, tau lengths)")
 
 
-def shard(items: list, rank: int, world: int) -> list:
-    """Each rank reads its own strided shard."""
-    return items[rank::world]
-
-
 # ----------------------------------------------------------------------------------------------
-# 4. Collation and response-aligned indexing
+# 3. Collation and response-aligned indexing
 
 def collate_right(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
     """Training batch: z = x ⊕ y, right-padded. Returns input_ids / attention_mask (B, L),
@@ -472,10 +363,7 @@ def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, res
     """The τ prefix (docs/algorithm.md §8): K (prompt ids, response ids) pairs, each prompt cut from
     the left to prompt_len tokens and each response from the right to response_len, concatenated
     in order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
-    out = []
-    for p, r in examples:
-        out += p[-prompt_len:] + r[:response_len]
-    return out
+    return [t for p, r in examples for t in p[-prompt_len:] + r[:response_len]]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -498,7 +386,7 @@ def response_logprobs(model, batch: dict, T: int, temperature: float = 1.0) -> t
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Sampling with a KV cache
+# 4. Sampling with a KV cache
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
     """(B, V) logits -> (B,) tokens. temperature 0 is greedy; top_p < 1 keeps the smallest set of
@@ -559,78 +447,3 @@ def sample_texts(model, tokenizer, prompts: list, max_new_tokens: int, temperatu
                              stops, tokenizer.pad_token_id, temperature, top_p, generator)
         out += [decode_response(tokenizer, row.tolist(), stops) for row in ids]
     return out
-
-
-def mean_stderr(xs: list[float]) -> tuple[float, float]:
-    n = len(xs)
-    m = sum(xs) / n
-    var = sum((x - m) ** 2 for x in xs) / max(n - 1, 1)
-    return m, math.sqrt(var / n)
-
-
-# Samplers of the built-in task (gvm.py --builtin_samplers): "T<t>" samples the SFT policy at
-# temperature t; "T<t>+late<p>" samples the same way, then replaces each digit of the response's second
-# half by a uniformly random digit with probability p: a policy indistinguishable from "T<t>" on early
-# tokens that slips late, so the value of a prefix depends on which policy will complete it (the case
-# trajectory conditioning τ is for, docs/algorithm.md §8).
-
-def parse_sampler(spec: str) -> tuple[float, float]:
-    """'T1.0' -> (temperature 1.0, late slip probability 0.0); 'T1.0+late0.5' -> (1.0, 0.5)."""
-    temp, _, late = spec.partition("+late")
-    try:
-        if not temp.startswith("T"):
-            raise ValueError
-        return float(temp[1:]), float(late) if late else 0.0
-    except ValueError:
-        raise ValueError(f"sampler {spec!r}: expected T<temperature> or T<temperature>+late<probability>") from None
-
-
-def late_slips(prompt: str, response: str, p: float, rng: random.Random, start: int = 0) -> str:
-    """Each character at response position i >= max(start, ceil(n/2)), n the number of digits to
-    sort, becomes a uniformly random digit with probability p (positions < start are kept: a prefix)."""
-    half = math.ceil(len(builtin_target(prompt)) / 2)
-    return "".join(rng.choice(string.digits) if i >= max(start, half) and rng.random() < p else c
-                   for i, c in enumerate(response))
-
-
-def sample_builtin(model, tokenizer, prompts: list[str], sampler: str, generator, rng: random.Random,
-                   prefixes: list[str] | None = None, max_new_tokens: int = 16, batch_size: int = 256,
-                   device="cpu") -> list[str]:
-    """Responses of `sampler` for built-in prompts; with prefixes, each continues prefixes[i] (kept
-    as is: the sampler's late slips touch only the new characters)."""
-    temperature, late = parse_sampler(sampler)
-    prefixes = prefixes or [""] * len(prompts)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        ps, pre = prompts[i:i + batch_size], prefixes[i:i + batch_size]
-        ids = [encode_prompt(tokenizer, p) + tokenizer(x, add_special_tokens=False)["input_ids"]
-               for p, x in zip(ps, pre)]
-        enc = collate_left(ids, tokenizer.pad_token_id)
-        new, _, _ = generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
-                             max_new_tokens - len(max(pre, key=len)), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                             temperature, 1.0, generator)
-        out += [x + decode_response(tokenizer, row.tolist()) for x, row in zip(pre, new)]
-    return [late_slips(p, y, late, rng, len(x)) if late else y for p, y, x in zip(prompts, out, prefixes)]
-
-
-def builtin_pairs(model, tokenizer, prompts: list[str], sampler: str, policy: str, bt_temperature: float,
-                  seed: int, batch_size: int = 128, device="cpu") -> tuple[list[dict], int]:
-    """Preference pairs on the built-in task: two responses per prompt from `sampler` (see above),
-    labelled by the gold reward through Bradley-Terry noise. Pairs with identical texts carry no
-    preference and are dropped; their count is returned. Each row keeps the gold rewards (for
-    evaluation only) and the `policy` that sampled it."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    slips = random.Random(f"{seed}-slips")
-    a = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
-    b = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
-    rng, rows, same = random.Random(seed), [], 0
-    for p, ya, yb in zip(prompts, a, b):
-        if ya == yb or not ya or not yb:
-            same += 1
-            continue
-        ga, gb = gold_reward(p, ya), gold_reward(p, yb)
-        if not bt_label(ga, gb, bt_temperature, rng):
-            ya, yb, ga, gb = yb, ya, gb, ga
-        rows.append({"prompt": p, "chosen": ya, "rejected": yb, "policy": policy,
-                     "gold_chosen": ga, "gold_rejected": gb})
-    return rows, same

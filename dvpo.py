@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 import data
 import fsdp_utils as fu
 import train_utils as tu
@@ -256,7 +257,7 @@ def main(cfg: Config):
     tu.check_batch_sizes(cfg, fu.world(), "dvpo.py")
     tu.seed_everything(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
-    resume = tu.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "dvpo.py")  # recovers the newest complete one
+    resume = checkpoint.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "dvpo.py")  # recovers the newest complete one
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
     # models: trained policy, frozen reference (the initial policy), frozen GVM — all sharded alike
@@ -285,8 +286,8 @@ def main(cfg: Config):
 
     state = {"step": 0, "kl_beta": cfg.kl_beta, "tau_pool": [], "opt_step": 0, "before": None}
     if resume:
-        tu.load_checkpoint(ckpt, state, {"policy": (policy, opt)})
-        tu.trim_metrics(metrics_path, state["step"])
+        checkpoint.load_checkpoint(ckpt, state, {"policy": (policy, opt)})
+        checkpoint.trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
         state["before"] = evaluate()
@@ -344,13 +345,13 @@ def main(cfg: Config):
         bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), ret=f"{m['gvm/return']:.3f}",
                         kl=f"{m['kl']:.3f}", clip=f"{m['clipfrac']:.2f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
+            checkpoint.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,
                "tau_k": tau_k, "gvm/scale": scale, **tu.eval_summary(state["before"], evaluate())}
-    tu.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
-    fu.save_hf(policy, tok, cfg.out_dir)
+    checkpoint.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
+    checkpoint.save_hf(policy, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)
     fu.cleanup()
     return summary

@@ -6,9 +6,8 @@ operation) when the process group is not initialized, so `python x.py` and
   1. setup(): init from the torchrun environment (nccl on CUDA, gloo on CPU), pick the device.
   2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
      fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
-  3. full_state_dict / save_hf: gather a full state dict on rank 0 (a collective: every rank calls it)
-     and write an HF folder (safetensors) through a temp folder, then renames. (Checkpoints have their
-     own crash-safe protocol in train_utils; fault_point lets tests kill a save at any stage.)
+  3. full_state_dict / load_full_state_dict: a full state dict on rank 0 (a collective: every rank
+     calls it), and back into the shards; checkpoint.py writes it to disk.
   4. all_reduce_sum / reduce_metrics / all_gather_object / print0 / peak memory.
   5. gathered(model): keep parameters gathered for a whole rollout (FSDP2 otherwise re-gathers every
      block for every generated token), in eval() mode so the KV cache is used.
@@ -19,13 +18,10 @@ import contextlib
 import json
 import os
 import resource
-import shutil
-import signal
 
 import torch
 import torch.distributed as dist
 import transformers
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -142,67 +138,6 @@ def load_full_state_dict(model: torch.nn.Module, state_dict: dict):
     # a shallow copy: PyTorch replaces the dict's tensors with shards in place on rank 0
     set_model_state_dict(model, dict(state_dict),
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
-@contextlib.contextmanager
-def staged_dir(path: str):
-    """Yield a temp folder on rank 0 (None elsewhere); once everything is written there, move its files
-    into `path` one by one (each os.replace is atomic; other files there, like metrics.jsonl, are kept).
-    A kill half-way leaves a mix of new and old files: the final outputs are rewritten by the resumed run."""
-    if rank() != 0:
-        yield None
-        return
-    tmp = path.rstrip("/") + ".tmp"
-    if os.path.exists(tmp):  # left by a killed run
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
-    yield tmp
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(tmp):
-        os.replace(os.path.join(tmp, name), os.path.join(path, name))
-        fault_point("final")
-    os.rmdir(tmp)
-
-
-_fault_hits: dict = {}  # fault_point's counters (tests only)
-
-
-def fault_point(name: str):
-    """Tests only: with DVPO_KILL_AT=<name>:<n> in the environment, SIGKILL this process the n-th time
-    execution reaches fault_point(name) (the points are listed in docs/checkpoints.md). A no-op otherwise."""
-    spec = os.environ.get("DVPO_KILL_AT", "")
-    if spec.rpartition(":")[0] != name:
-        return
-    _fault_hits[name] = _fault_hits.get(name, 0) + 1
-    if _fault_hits[name] == int(spec.rpartition(":")[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def write_hf(model, tokenizer, folder: str, state_dict: dict, extra: dict | None = None):
-    """Rank 0 writes an HF-format folder: config.json, safetensors weights, tokenizer, and `extra`
-    (file name -> state dict as .safetensors, object as .pt, or dict as JSON)."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    for name, obj in (extra or {}).items():
-        if name.endswith(".safetensors"):
-            save_file({k: v.contiguous() for k, v in obj.items()}, os.path.join(folder, name))
-        elif name.endswith(".pt"):
-            torch.save(obj, os.path.join(folder, name))
-        else:
-            with open(os.path.join(folder, name), "w") as f:
-                json.dump(obj, f, indent=2)
-
-
-def save_hf(model, tokenizer, path: str, state_dict: dict | None = None, extra: dict | None = None):
-    """Gather (a collective: every rank calls this) and write an HF folder from rank 0 through a
-    temp folder (see staged_dir). `model` is the HF PreTrainedModel, possibly FSDP-sharded."""
-    sd = full_state_dict(model) if state_dict is None else state_dict
-    with staged_dir(path) as tmp:
-        if tmp is not None:
-            write_hf(model, tokenizer, tmp, sd, extra)
-    barrier()
 
 
 def barrier():

@@ -24,8 +24,7 @@ Launch:
   torchrun --nproc_per_node 8 gvm.py --data prefs.jsonl --model <sft path>
   python gvm.py --explain --gvm out/gvm --prompt "52817:" --response "12578"
   python gvm.py --explain --gvm out/gvm_real --messages '[{"role": "user", "content": "Hi"}]' --response "Hello!"
-  (--messages goes through the tokenizer's chat template; a plain --prompt does too, as one user message, when
-  the GVM was trained on chat prompts — gvm_config.json's chat_prompts — and is encoded as plain text otherwise.)
+  (chat template; a plain --prompt is one user message when the GVM was trained on chat prompts)
 """
 from __future__ import annotations
 
@@ -40,8 +39,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from tqdm import tqdm
 
+import checkpoint
 import data
 import fsdp_utils as fu
+import task
 import train_utils as tu
 
 GVM_CONFIG = "gvm_config.json"  # written beside the backbone: γ, λ, τ settings, reward kind, value scale
@@ -72,7 +73,7 @@ class Config:
     # built-in task: pairs sampled from --model by each sampler
     builtin_prompts: int = 16000  # train prompts per sampler (each gives one pair)
     builtin_eval_prompts: int = 1000  # held-out prompts per sampler
-    builtin_samplers: str = "T1.0,T1.5"  # samplers (data.parse_sampler), one `policy` each; "T1.0,T1.0+late0.5":
+    builtin_samplers: str = "T1.0,T1.5"  # samplers (task.parse_sampler), one `policy` each; "T1.0,T1.0+late0.5":
     #                                       two that are alike early and differ late (the case τ is for)
     rtg_prompts: int = 256  # built-in task: held-out prompts per sampler of the return-to-go metric (0 = off)
     rtg_completions: int = 16  # Monte Carlo completions per prefix
@@ -131,22 +132,6 @@ def rtg_metrics(values: torch.Tensor, returns: torch.Tensor) -> dict:
 
 # ----------------------------------------------------------------------------------------------
 # Data: sequences with terminal rewards (and τ), batches
-
-def build_builtin_pairs(cfg: Config, model, tok, device):
-    """Built-in task: one pair per prompt from each sampler (the SFT policy, data.sample_builtin),
-    gold-labelled with Bradley-Terry noise. Generated on rank 0, broadcast to the others."""
-    rows = {"train": [], "eval": []}
-    if fu.rank() == 0:
-        for i, spec in enumerate(cfg.builtin_samplers.split(",")):
-            for split, n in (("train", cfg.builtin_prompts), ("eval", cfg.builtin_eval_prompts)):
-                prompts = data.builtin_prompts(n, split, seed=tu.seed_for(cfg.seed, "pairs/prompts", i))
-                r, dropped = data.builtin_pairs(model, tok, prompts, spec, f"sft@{spec}", cfg.bt_temperature,
-                                                seed=tu.seed_for(cfg.seed, "pairs", i, split), device=device)
-                print(f"built-in pairs: sampler sft@{spec} {split}: {len(r)} pairs "
-                      f"({dropped} prompts gave two identical responses: no preference, dropped)")
-                rows[split] += r
-    return fu.broadcast_object(rows)
-
 
 def encode_rows(rows: list[dict], kind: str, tok, cfg: Config, trunc: data.TruncationStats) -> list[dict]:
     """Rows -> token ids. Preference: {prompt, chosen, rejected, policy} (R = +1 / -1);
@@ -261,11 +246,11 @@ def return_to_go(model, policy, tok, cfg: Config, device) -> dict:
     with τ = K responses of the same sampler to other prompts. rtg_metrics overall, per sampler,
     per position."""
     model.eval()
-    prompts = data.builtin_prompts(cfg.rtg_prompts, "eval", seed=tu.seed_for(cfg.seed, "rtg/prompts"))
+    prompts = task.builtin_prompts(cfg.rtg_prompts, "eval", seed=tu.seed_for(cfg.seed, "rtg/prompts"))
     gen, slips = tu.torch_rng(cfg.seed, "rtg", device=device), tu.python_rng(cfg.seed, "rtg/slips")
     values, returns, tags = [], [], []
     for spec in cfg.builtin_samplers.split(","):
-        ys = data.sample_builtin(policy, tok, prompts, spec, gen, slips, device=device)
+        ys = task.sample_builtin(policy, tok, prompts, spec, gen, slips, device=device)
         enc = [(data.encode_prompt(tok, p), data.encode_response(tok, y)) for p, y in zip(prompts, ys)]
         rng = tu.python_rng(cfg.seed, "rtg/tau", spec)
         tau = [data.tau_prefix([enc[j] for j in rng.sample([j for j in range(len(enc)) if prompts[j] != p],
@@ -276,13 +261,9 @@ def return_to_go(model, policy, tok, cfg: Config, device) -> dict:
         w, _ = data.value_chain(model(batch["input_ids"], batch["attention_mask"]).float(), batch["prompt_len"],
                                 batch["response_len"])
         cases = [(i, 1 + int(f * len(enc[i][1])), pos) for i in range(len(prompts)) for pos, f in RTG_POSITIONS.items()]
-        n = cfg.rtg_completions
-        done = data.sample_builtin(policy, tok, [prompts[i] for i, _, _ in cases for _ in range(n)], spec, gen, slips,
-                                   [ys[i][:k - 1] for i, k, _ in cases for _ in range(n)], device=device)
-        gold = torch.tensor([data.gold_reward(prompts[i], y) for (i, _, _), y in zip(
-            [c for c in cases for _ in range(n)], done)]).view(len(cases), n).mean(1)
         values += [w[i, k - 1].item() for i, k, _ in cases]  # V(s_k) = w_{k-1}
-        returns += gold.tolist()
+        returns += task.mc_returns(policy, tok, prompts, ys, [c[:2] for c in cases], spec, cfg.rtg_completions, gen,
+                                   slips, device).tolist()
         tags += [(f"sft@{spec}", pos) for _, _, pos in cases]
     model.train()
     values, returns = torch.tensor(values), torch.tensor(returns)
@@ -337,42 +318,7 @@ def explain(cfg: Config):
     print(f"terminal value w_T = {w[-1]:+.3f} (the GVM's estimate of the response's reward)")
     if not isinstance(prompt, str) or not prompt.endswith(":") or not prompt[:-1].isdigit():
         return
-    print(f"gold reward (built-in task) = {data.gold_reward(cfg.prompt, cfg.response):.3f}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Data loading for main: rows, held-out split, terminal rewards
-
-def load_rows(cfg: Config, tok, device) -> tuple[str, list, list]:
-    """(kind, training rows, held-out rows) from --data (and --eval_data or a split of it), or
-    sampled on the built-in task. Writes the exact rows used, so ppo_baseline.py's reward model
-    can train on the same pairs and split."""
-    kind = cfg.data_kind
-    if kind not in ("preference", "scored"):
-        sys.exit(f"gvm.py: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
-    if not cfg.data:
-        kind = "preference"
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
-        rows = build_builtin_pairs(cfg, policy, tok, device)
-        train_rows, eval_rows = rows["train"], rows["eval"]
-        del policy
-    else:
-        train_rows, stats = data.load_records(cfg.data, kind, cfg.skip_bad)
-        fu.print0(stats.summary())
-        if cfg.eval_data:
-            eval_rows, stats = data.load_records(cfg.eval_data, kind, cfg.skip_bad)
-            fu.print0(stats.summary())
-        else:
-            train_rows, eval_rows = tu.split_heldout(train_rows, len(train_rows), cfg.eval_frac, cfg.seed, kind)
-    if not train_rows or not eval_rows:
-        sys.exit(f"gvm.py: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)} "
-                 f"(a file needs at least 2 rows to split, or pass --eval_data)")
-    if fu.rank() == 0:
-        for split, rs in (("train", train_rows), ("eval", eval_rows)):
-            name = f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"
-            with open(os.path.join(cfg.out_dir, name), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rs)
-    return kind, train_rows, eval_rows
+    print(f"gold reward (built-in task) = {task.gold_reward(cfg.prompt, cfg.response):.3f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +337,7 @@ def main(cfg: Config):
     tok = tu.load_tokenizer(cfg.model)
 
     # 1. data: preference pairs (R = ±1) or scored rows (R = score), a held-out split, τ pools
-    kind, train_rows, eval_rows = load_rows(cfg, tok, device)
+    kind, train_rows, eval_rows = tu.load_value_rows(cfg, tok, device, "gvm.py")
     trunc = data.TruncationStats()
     train, held = encode_rows(train_rows, kind, tok, cfg, trunc), encode_rows(eval_rows, kind, tok, cfg, trunc)
     fu.print0(f"{len(train)} training and {len(held)} held-out {kind} rows; {trunc.summary()}")
@@ -465,18 +411,14 @@ def main(cfg: Config):
         policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
         summary.update(return_to_go(model, policy, tok, cfg, device))
         del policy
-    if "gold_chosen" in eval_rows[0]:
-        g = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in eval_rows])
-        summary["eval/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
-        for pol in sorted({r["policy"] for r in eval_rows}):  # per sampler, so τ's effect is visible
-            sel = [i for i, r in enumerate(eval_rows) if r["policy"] == pol]
-            summary[f"eval/gold_pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(g[sel, 0], g[sel, 1])
+    if "gold_chosen" in eval_rows[0]:  # built-in task: the ceiling, the gold reward's own accuracy
+        summary.update(task.gold_accuracy(eval_rows, tu.pairwise_accuracy))
     gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
             "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
             "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows),  # --explain encodes alike
             # fixed at training time, so the RL reward is stationary: dvpo.py divides the chain by value_std
             "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
-    tu.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)
+    checkpoint.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)
     tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:
         fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +

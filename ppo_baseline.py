@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import data
 import fsdp_utils as fu
 import train_utils as tu
@@ -129,15 +130,9 @@ def load_pairs(cfg: Config):
             sys.exit("ppo_baseline.py: out/gvm/pairs_train.jsonl is missing; run `python gvm.py` first "
                      "(the reward model trains on exactly the GVM's pairs), or pass --data")
         return [json.loads(line) for line in open(train_path)], [json.loads(line) for line in open(eval_path)]
-    rows, stats = data.load_records(cfg.data, "preference", cfg.skip_bad)
-    fu.print0(stats.summary())
-    if cfg.eval_data:
-        held, stats = data.load_records(cfg.eval_data, "preference", cfg.skip_bad)
-        fu.print0(stats.summary())
-        return rows, held
-    train, held = tu.split_heldout(rows, len(rows), cfg.eval_frac, cfg.seed, "preference")  # = gvm.py's split
-    if not held:
-        sys.exit(f"ppo_baseline.py: {cfg.data}: {len(rows)} pair(s); the reward model needs at least 2 (one held "
+    train, held = tu.load_rows(cfg.data, cfg.eval_data, "preference", cfg.skip_bad, cfg.eval_frac, cfg.seed)
+    if not held:  # (as in gvm.py)
+        sys.exit(f"ppo_baseline.py: {cfg.data}: {len(train)} pair(s); the reward model needs at least 2 (one held "
                  "out), or pass --eval_data")
     return train, held
 
@@ -208,7 +203,7 @@ def train_rm(cfg: Config, device) -> str:
     if "gold_chosen" in held[0]:
         g = torch.tensor([[h["gold_chosen"], h["gold_rejected"]] for h in held])
         summary["rm/gold_pairwise_accuracy"] = tu.pairwise_accuracy(g[:, 0], g[:, 1])
-    tu.save_value_model(model, tok, out, RM_CONFIG, {"reward": "bradley_terry", **summary})
+    checkpoint.save_value_model(model, tok, out, RM_CONFIG, {"reward": "bradley_terry", **summary})
     fu.print0(" | ".join(f"{k} {v:.4g}" for k, v in summary.items()) + f" | trunc: {trunc.summary()}")
     return out
 
@@ -315,7 +310,7 @@ def main(cfg: Config):
     os.makedirs(cfg.out_dir, exist_ok=True)
     rm_path = cfg.rm or os.path.join(cfg.out_dir, "rm")
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
-    resume = cfg.stage != "rm" and tu.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "ppo_baseline.py")
+    resume = cfg.stage != "rm" and checkpoint.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "ppo_baseline.py")
     if cfg.stage == "rm" or (cfg.stage == "all" and not resume):  # PPO only: the reward model, trained first
         rm_path = train_rm(cfg, device)
         if cfg.stage == "rm":
@@ -357,8 +352,8 @@ def main(cfg: Config):
     state = {"step": 0, "kl_beta": cfg.kl_beta, "opt_step": 0, "before": None}
     trained = {"policy": (policy, opt), "critic": (critic, critic_opt)}
     if resume:
-        tu.load_checkpoint(ckpt, state, trained)
-        tu.trim_metrics(metrics_path, state["step"])
+        checkpoint.load_checkpoint(ckpt, state, trained)
+        checkpoint.trim_metrics(metrics_path, state["step"])
         fu.print0(f"resumed from {ckpt} at step {state['step']}")
     if state["before"] is None:
         state["before"] = evaluate()
@@ -412,15 +407,15 @@ def main(cfg: Config):
         bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), rm=f"{m['rm/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            tu.save_checkpoint(ckpt, tok, state, trained)
+            checkpoint.save_checkpoint(ckpt, tok, state, trained)
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
                "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")), "rm/scale": scale,
                **tu.eval_summary(state["before"], evaluate())}
-    tu.save_checkpoint(ckpt, tok, state, trained)
-    fu.save_hf(policy, tok, cfg.out_dir)
-    tu.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only
+    checkpoint.save_checkpoint(ckpt, tok, state, trained)
+    checkpoint.save_hf(policy, tok, cfg.out_dir)
+    checkpoint.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only
                         {"role": "critic", "gamma": cfg.gamma, "lam": cfg.lam})
     tu.finish(cfg.out_dir, summary)
     fu.cleanup()

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+import checkpoint
 import data
 import fsdp_utils as fu
+import task
 import train_utils as tu
 
 
@@ -67,8 +69,8 @@ def main(cfg: Config):
 
     # data: tokenize with exact prompt/response boundaries, report truncation and skipped records
     if builtin:
-        rows, eval_rows = data.builtin_sft_data(cfg.n_train, cfg.seed), []
-        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
+        rows, eval_rows = task.builtin_sft_data(cfg.n_train, cfg.seed), []
+        eval_prompts = task.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
     else:
         rows, stats = data.load_records(cfg.data, "sft", cfg.skip_bad)
         fu.print0(stats.summary())
@@ -134,7 +136,7 @@ def main(cfg: Config):
     summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0, **tu.eval_summary(before, evaluate())}
     if held:
         summary["eval/nll"] = eval_nll(model, held, tok.pad_token_id, device)
-    fu.save_hf(model, tok, cfg.out_dir)
+    checkpoint.save_hf(model, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)
     fu.print0(f"saved to {cfg.out_dir}")
     fu.cleanup()

@@ -4,16 +4,16 @@ No algorithm lives here (that stays in the scripts, next to its equations); this
 training script needs around the algorithm, written once:
   1. Models in and out: load_policy (a hub id, a local path, or the built-in tiny Llama) and
      ValueModel, a causal-LM backbone + a linear value head — the GVM, the reward model and the
-     critic all have this shape — with save_value_model / load_value_model.
-  2. Prompts and rollouts: load_prompts (the built-in task or a file, with a held-out split),
+     critic all have this shape — with load_value_model (checkpoint.save_value_model writes one).
+  2. Data and rollouts: load_rows / load_value_rows (preference or scored rows, a held-out split),
+     load_prompts (the built-in task or a file, with a held-out split),
      rollout (one sampled response per prompt, in the layout every loss reads), frozen_logprobs.
   3. Seeds, schedules and checks: seed_for (every random draw of a run comes from --seed, a
      purpose, the step and the rank), lr_at (warmup + cosine), check_batch_sizes.
   4. Evaluation: evaluate_policy (held-out reward sampled and greedy, KL to the reference) with a
      reward plug-in (--eval_reward module:function; the built-in task's gold reward by default).
-  5. Bookkeeping: metrics rows and summaries; crash-safe checkpoints: a manifest marks a complete one,
-     recover_checkpoint promotes the newest complete one after a kill at any instant, resume_or_fresh
-     implements --resume no|auto|yes and --overwrite (docs/checkpoints.md).
+  5. Bookkeeping: metrics rows and summaries, the non-finite guard. (Saving and crash-safe
+     checkpoints: checkpoint.py.)
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 
 import torch
@@ -33,6 +32,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import data
 import fsdp_utils as fu
+import task
 
 # ----------------------------------------------------------------------------------------------
 # 1. Models in and out
@@ -50,8 +50,8 @@ def load_policy(path: str, seed: int = 0):
     """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty.
     Weights in fp32: the trained copy is the fp32 master (bf16 compute comes from FSDP's policy)."""
     if not path:
-        tok = data.build_char_tokenizer()
-        return data.build_tiny_model(tok, seed=seed), tok
+        tok = task.build_char_tokenizer()
+        return task.build_tiny_model(tok, seed=seed), tok
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
 
 
@@ -105,32 +105,8 @@ def value_scale(config: dict, normalize: bool, path: str) -> float:
     return float(config["value_std"])
 
 
-def split_value_state(sd: dict) -> tuple[dict, dict]:
-    """Full ValueModel state dict -> (backbone state dict, value head state dict)."""
-    backbone = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-    head = {k[len("value_head."):]: v for k, v in sd.items() if k.startswith("value_head.")}
-    return backbone, head
-
-
-def write_value_model(model: ValueModel, tokenizer, folder: str, state_dict: dict, config_name: str, config: dict):
-    """Rank 0 writes a value model folder from a full state dict (see save_value_model)."""
-    backbone, head = split_value_state(state_dict)
-    fu.write_hf(model.backbone, tokenizer, folder, backbone,
-                {"value_head.safetensors": head, config_name: config})
-
-
-def save_value_model(model: ValueModel, tokenizer, path: str, config_name: str, config: dict):
-    """Backbone in HF format (safetensors) + value_head.safetensors + config + tokenizer.
-    A collective under FSDP: every rank calls it, rank 0 writes."""
-    sd = fu.full_state_dict(model)
-    with fu.staged_dir(path) as tmp:
-        if tmp is not None:
-            write_value_model(model, tokenizer, tmp, sd, config_name, config)
-    fu.barrier()
-
-
 # ----------------------------------------------------------------------------------------------
-# 2. Prompts and rollouts
+# 2. Data and rollouts
 
 def split_heldout(rows: list, n_eval: int, frac: float, seed: int, what: str) -> tuple[list, list]:
     """(training rows, held-out rows): shuffled with --seed, then min(n_eval, max(1, frac·N)) rows
@@ -142,6 +118,50 @@ def split_heldout(rows: list, n_eval: int, frac: float, seed: int, what: str) ->
     return rows[k:], rows[:k]
 
 
+def load_rows(path: str, eval_path: str, kind: str, skip_bad: bool, frac: float, seed: int) -> tuple[list, list]:
+    """(training rows, held-out rows) of `kind` (data.PARSERS) from `path`, and from `eval_path` or else
+    a split of `path` (split_heldout: gvm.py and ppo_baseline.py split a file alike). Says what each
+    file gave."""
+    rows, stats = data.load_records(path, kind, skip_bad)
+    fu.print0(stats.summary())
+    if not eval_path:
+        return split_heldout(rows, len(rows), frac, seed, kind)
+    held, stats = data.load_records(eval_path, kind, skip_bad)
+    fu.print0(stats.summary())
+    return rows, held
+
+
+def load_value_rows(cfg, tok, device, script: str) -> tuple[str, list, list]:
+    """(kind, training rows, held-out rows) of a value model (gvm.py): from cfg.data (preference or
+    scored) with cfg.eval_data or a split, or the built-in task's pairs sampled from cfg.model by each
+    of cfg.builtin_samplers. Writes the exact rows used, so ppo_baseline.py's reward model can train
+    on the same pairs and split."""
+    kind = cfg.data_kind
+    if kind not in ("preference", "scored"):
+        sys.exit(f"{script}: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
+    if not cfg.data:
+        kind = "preference"
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+        rows = task.builtin_pair_splits(  # sampled on rank 0, broadcast to the others
+            policy, tok, cfg.builtin_samplers.split(","), cfg.builtin_prompts, cfg.builtin_eval_prompts,
+            cfg.bt_temperature, lambda i: seed_for(cfg.seed, "pairs/prompts", i),
+            lambda i, split: seed_for(cfg.seed, "pairs", i, split), device) if fu.rank() == 0 else None
+        rows = fu.broadcast_object(rows)
+        train_rows, eval_rows = rows["train"], rows["eval"]
+        del policy
+    else:
+        train_rows, eval_rows = load_rows(cfg.data, cfg.eval_data, kind, cfg.skip_bad, cfg.eval_frac, cfg.seed)
+    if not train_rows or not eval_rows:
+        sys.exit(f"{script}: need training and held-out rows, got {len(train_rows)} and {len(eval_rows)} "
+                 f"(a file needs at least 2 rows to split, or pass --eval_data)")
+    if fu.rank() == 0:
+        for split, rs in (("train", train_rows), ("eval", eval_rows)):
+            name = f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"
+            with open(os.path.join(cfg.out_dir, name), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rs)
+    return kind, train_rows, eval_rows
+
+
 def load_prompts(cfg, tok, trunc: data.TruncationStats):
     """(this rank's prompt texts, their token ids, held-out prompt texts, builtin?). Built-in task:
     steps × batch_size training prompts and eval_prompts held-out ones (the same held-out set for
@@ -149,8 +169,8 @@ def load_prompts(cfg, tok, trunc: data.TruncationStats):
     reads its own shard."""
     builtin = not cfg.prompts
     if builtin:
-        train_prompts = data.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=seed_for(cfg.seed, "prompts"))
-        eval_prompts = data.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
+        train_prompts = task.builtin_prompts(cfg.steps * cfg.batch_size, "train", seed=seed_for(cfg.seed, "prompts"))
+        eval_prompts = task.builtin_prompts(cfg.eval_prompts, "eval", seed=0)
     else:
         rows, stats = data.load_records(cfg.prompts, "prompt")
         fu.print0(stats.summary())
@@ -159,7 +179,7 @@ def load_prompts(cfg, tok, trunc: data.TruncationStats):
     if len(train_prompts) < fu.world():
         sys.exit(f"{cfg.prompts}: {len(train_prompts)} training prompts for {fu.world()} processes; every "
                  "process needs at least one")
-    my_texts = data.shard(train_prompts, fu.rank(), fu.world())
+    my_texts = train_prompts[fu.rank()::fu.world()]
     my_prompts = [data.encode_prompt(tok, p, cfg.max_prompt_len, trunc) for p in my_texts]
     fu.print0(f"{len(train_prompts)} training prompts, {len(eval_prompts)} held out"
               f"{' (no held-out evaluation)' if not eval_prompts else ''}; {trunc.summary()}")
@@ -256,7 +276,7 @@ def load_reward_fn(spec: str, builtin: bool):
     (the module is imported from the working directory or PYTHONPATH); empty = the built-in task's
     gold reward on the built-in task, and no reward (None) on your own prompts. Never used in a loss."""
     if not spec:
-        return data.gold_reward if builtin else None
+        return task.gold_reward if builtin else None
     module, _, name = spec.partition(":")
     sys.path.insert(0, os.getcwd())
     try:
@@ -290,7 +310,7 @@ def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_
     response Σ_t (log π - log π_ref) (mean and stderr). Without reward_fn only KL and length."""
     if not prompts:
         return {}
-    mine = data.shard(prompts, fu.rank(), fu.world())
+    mine = prompts[fu.rank()::fu.world()]
     gen = torch_rng(seed, "eval", fu.rank(), device=device)
     sums = torch.zeros(7, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
     n_batches = math.ceil(math.ceil(len(prompts) / fu.world()) / batch_size)  # the same on every rank
@@ -364,7 +384,7 @@ def pairwise_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Bookkeeping: metrics, summaries, checkpoints
+# 5. Bookkeeping: metrics and summaries
 
 class NonFiniteError(RuntimeError):
     """A NaN or inf in a loss, an advantage or a gradient norm: the run stops (without saving)."""
@@ -389,40 +409,6 @@ def start_metrics(out_dir: str, cfg, keep: bool = False) -> str:
     return path
 
 
-def trim_metrics(path: str, step: int):
-    """On resume: keep the metrics.jsonl rows of steps up to the checkpoint's (the resumed run logs the
-    later ones again) and drop a line cut short by a kill during its append. Rewritten atomically."""
-    if fu.rank() != 0 or not os.path.exists(path):
-        return
-    rows = []
-    for line in open(path):
-        try:
-            if json.loads(line)["step"] <= step:
-                rows.append(line.rstrip("\n") + "\n")
-        except (ValueError, KeyError):  # a partial line: the run was killed while appending it
-            pass
-    write_atomic(path, "".join(rows))
-
-
-def fsync_path(path: str):
-    """Flush a file, or a folder's entries (names created or renamed in it), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str, text: str):
-    """Replace a file's content so that a kill (or a crash) at any instant leaves the old or the new one."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-    fsync_path(os.path.dirname(path) or ".")
-
-
 def step_row(m: dict, device, **extra) -> dict:
     """One metrics.jsonl row: per-rank scalars averaged over ranks, then the rank-0 extras."""
     m = fu.reduce_metrics(m, device)
@@ -436,160 +422,3 @@ def finish(out_dir: str, summary: dict):
     fu.write_json(os.path.join(out_dir, "summary.json"), summary)
     fu.print0(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in summary.items()
                          if isinstance(v, (int, float, str))))
-
-
-MANIFEST = "manifest.json"  # written last into a checkpoint folder: the mark that it is complete
-SUFFIXES = ("", ".old", ".tmp")  # checkpoint, checkpoint.old, checkpoint.tmp; preferred in this order on a tie
-
-
-def checkpoint_status(folder: str) -> int | str:
-    """The step of the complete checkpoint in `folder` (its manifest exists and every file it lists exists
-    with the listed size: this catches truncated weights and a missing trainer state), or why it is not one."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            manifest = json.load(f)
-        step, files = int(manifest["step"]), dict(manifest["files"])
-    except FileNotFoundError:
-        return f"{folder} has no {MANIFEST} (a save or a deletion that did not finish)"
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{os.path.join(folder, MANIFEST)} is unreadable ({e})"
-    for rel, size in files.items():
-        p = os.path.join(folder, rel)
-        if not os.path.isfile(p):
-            return f"{p} is missing"
-        if os.path.getsize(p) != size:
-            return f"{p} has {os.path.getsize(p)} bytes, the manifest says {size} (truncated?)"
-    return step
-
-
-def write_manifest(folder: str, step: int):
-    """Mark a fully written checkpoint folder complete: flush every file to disk, then write the manifest
-    (step, each file's size) atomically. A kill before it leaves a folder that recovery discards."""
-    files = {}
-    for root, _, names in sorted(os.walk(folder)):
-        for n in sorted(names):
-            fsync_path(os.path.join(root, n))
-            files[os.path.relpath(os.path.join(root, n), folder)] = os.path.getsize(os.path.join(root, n))
-        fsync_path(root)
-    fu.fault_point("files")
-    write_atomic(os.path.join(folder, MANIFEST), json.dumps({"step": step, "files": files}, indent=1))
-    fu.fault_point("manifest")
-
-
-def remove_checkpoint(folder: str):
-    """Delete a checkpoint folder, its manifest first: a kill half-way leaves a visibly incomplete folder
-    (which recovery deletes), never one that looks complete or blocks a rename."""
-    if os.path.exists(os.path.join(folder, MANIFEST)):
-        os.remove(os.path.join(folder, MANIFEST))
-        fsync_path(folder)
-    for root, _, names in os.walk(folder):
-        for n in names:
-            os.remove(os.path.join(root, n))
-            fu.fault_point("delete")
-    shutil.rmtree(folder)
-
-
-def recover_checkpoint(path: str) -> tuple[int | None, str]:
-    """Rank 0, at start-up and around every save. Of path, path.old and path.tmp: make the newest complete
-    checkpoint (highest step) `path`, keep the newest complete one before it as path.old (the fallback
-    if `path` turns out corrupted), delete the rest. Returns (its step, the suffix it had) or (None, "").
-    Every action either deletes a folder that is not the newest complete one or is one atomic rename, so
-    a kill at any instant leaves the newest complete checkpoint under one of the three names, and calling
-    this again finishes the job. A save = write path.tmp, then its manifest, then call this (the swap)."""
-    status = {s: checkpoint_status(path + s) for s in SUFFIXES if os.path.lexists(path + s)}
-    complete = sorted((st, -SUFFIXES.index(s), s) for s, st in status.items() if isinstance(st, int))
-    best = complete[-1][2] if complete else None
-    prev = next((s for step, _, s in reversed(complete) if step < complete[-1][0]), None)
-    for s, st in status.items():
-        if s not in (best, prev):
-            if not isinstance(st, int):
-                fu.print0(f"checkpoint recovery: {st}; removed it")
-            remove_checkpoint(path + s)
-    if best not in (None, ""):
-        if os.path.lexists(path):  # it is prev: it becomes the fallback, unless best sits there
-            if best == ".old":
-                remove_checkpoint(path)
-            else:
-                os.replace(path, path + ".old")
-                fu.fault_point("to_old")
-        os.replace(path + best, path)
-        fsync_path(os.path.dirname(path) or ".")
-        fu.fault_point("to_new")
-    if prev == ".tmp":
-        os.replace(path + ".tmp", path + ".old")
-        fsync_path(os.path.dirname(path) or ".")
-    return (complete[-1][0], best) if complete else (None, "")
-
-
-def resume_or_fresh(path: str, resume: str, overwrite: bool, script: str) -> bool:
-    """--resume no|auto|yes and --overwrite (docs/checkpoints.md), decided on rank 0 and shared: True to
-    resume from the checkpoint at `path` (recovered first), False to start fresh. One line and exit 1
-    when the flags and the folder disagree, or the only checkpoint is corrupted; never a silent restart."""
-    err, step = "", None
-    if fu.rank() == 0:
-        names = "/".join(os.path.basename(path) + s for s in SUFFIXES)
-        status = {s: checkpoint_status(path + s) for s in SUFFIXES if os.path.lexists(path + s)}
-        steps = [st for st in status.values() if isinstance(st, int)]
-        corrupted = [st for s, st in status.items()  # a manifest but bad files: damaged after its save
-                     if isinstance(st, str) and os.path.exists(os.path.join(path + s, MANIFEST))]
-        if resume not in ("no", "auto", "yes"):
-            err = f"--resume must be no, auto or yes, got {resume!r}"
-        elif overwrite and resume != "no":
-            err = f"--overwrite starts afresh; it contradicts --resume {resume}"
-        elif overwrite:
-            for s in status:
-                remove_checkpoint(path + s)
-                fu.print0(f"--overwrite: removed {path + s}")
-        elif resume == "no" and (steps or corrupted):
-            err = (f"{os.path.dirname(path) or '.'} holds a checkpoint" + (f" (step {max(steps)})" if steps else "")
-                   + "; continue it with --resume auto, or start over with --overwrite (deletes it and metrics.jsonl)")
-        elif resume != "no" and corrupted and not steps:
-            err = f"{corrupted[0]}; no complete checkpoint to fall back to (--overwrite starts over)"
-        elif resume != "no":
-            step, source = recover_checkpoint(path)
-            if step is None and resume == "yes":
-                err = f"--resume yes: no checkpoint in {os.path.dirname(path) or '.'} ({names})"
-            elif step is None:
-                fu.print0(f"--resume auto: no checkpoint in {os.path.dirname(path) or '.'}, starting fresh")
-            elif source:
-                fu.print0(f"{path + source} (complete, step {step}) promoted to {path}")
-    err, step = fu.broadcast_object((err, step))
-    if err:  # one line (not one per rank), out before any rank exits: torchrun then stops the others
-        if fu.rank() == 0:
-            print(f"{script}: {err}", file=sys.stderr, flush=True)
-        fu.barrier()
-        sys.exit(1)
-    return step is not None
-
-
-def save_checkpoint(path: str, tok, state: dict, trained: dict):
-    """A resumable checkpoint: trained = {"policy": (model, optimizer), and e.g. "critic": (value model,
-    optimizer)}. The policy goes at the top level (HF format, loadable on its own), every other model in
-    a subfolder of its name (value model format); trainer_state.pt holds `state` (step, KL β, ...) and
-    every optimizer's full state. Every random draw is a function of the step, so this is all a resumed
-    run needs. Written into path.tmp, marked complete by its manifest, then swapped in by
-    recover_checkpoint (the previous one becomes path.old). A collective under FSDP."""
-    sds = {name: fu.full_state_dict(m) for name, (m, _) in trained.items()}
-    osds = {name: fu.full_optim_state_dict(m, o) for name, (m, o) in trained.items()}
-    # recovery first: afterwards path.tmp does not exist; skipped if `path` holds this step (a rerun's final save)
-    if fu.rank() == 0 and recover_checkpoint(path)[0] != state["step"]:
-        fu.write_hf(trained["policy"][0], tok, path + ".tmp", sds["policy"])
-        fu.fault_point("weights")
-        for name, (m, _) in trained.items():
-            if name != "policy":
-                write_value_model(m, tok, os.path.join(path + ".tmp", name), sds[name], f"{name}_config.json",
-                                  {"role": name})
-        torch.save({**state, "optimizers": osds}, os.path.join(path + ".tmp", "trainer_state.pt"))
-        write_manifest(path + ".tmp", state["step"])
-        recover_checkpoint(path)  # the swap: path -> path.old, path.tmp -> path, the older path.old deleted
-    fu.barrier()
-
-
-def load_checkpoint(path: str, state: dict, trained: dict):
-    """Inverse of save_checkpoint for the optimizers and `state` (the models were loaded from the
-    folder already). Rank 0 reads the file; optimizer state is sharded out from its full copy."""
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
-    osds = st.pop("optimizers", {})  # stays on rank 0: sharded out tensor by tensor, not pickled to every rank
-    state.update(fu.broadcast_object(st))
-    for name, (m, o) in trained.items():
-        fu.load_full_optim_state_dict(m, o, osds.get(name, {}))

@@ -41,15 +41,15 @@ TIMING_KEYS = ("time/", "tokens_per_s", "memory/")  # metrics that differ betwee
 import torch  # noqa: E402  (after the path set-up: the repo's modules are imported from ROOT)
 from safetensors.torch import load_file  # noqa: E402
 
-import data  # noqa: E402
-import train_utils as tu  # noqa: E402
+import checkpoint  # noqa: E402
+import task  # noqa: E402
 
 
 def tiny_setup(folder: str) -> dict:
     """The tiny SFT policy and a GVM trained on it (its pairs_*.jsonl feed the reward model)."""
     sft, gvm = os.path.join(folder, "sft"), os.path.join(folder, "gvm")
-    tok = data.build_char_tokenizer()
-    data.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(sft)
+    tok = task.build_char_tokenizer()
+    task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(sft)
     tok.save_pretrained(sft)
     subprocess.run([sys.executable, "gvm.py", "--model", sft, "--out_dir", gvm, "--builtin_prompts", "48",
                     "--builtin_eval_prompts", "8", "--batch_size", "8", "--epochs", "1", "--lr", "1e-3",
@@ -71,9 +71,9 @@ def script_args(script: str, setup: dict, out_dir: str, steps: int) -> list[str]
 
 def disk_state(out_dir: str) -> str:
     """What is on disk, e.g. 'checkpoint=3 checkpoint.old=2 checkpoint.tmp=incomplete'."""
-    names = [os.path.basename(p) for p in (os.path.join(out_dir, "checkpoint" + s) for s in tu.SUFFIXES)
+    names = [os.path.basename(p) for p in (os.path.join(out_dir, "checkpoint" + s) for s in checkpoint.SUFFIXES)
              if os.path.lexists(p)]
-    st = {n: tu.checkpoint_status(os.path.join(out_dir, n)) for n in names}
+    st = {n: checkpoint.checkpoint_status(os.path.join(out_dir, n)) for n in names}
     return " ".join(f"{n}={v if isinstance(v, int) else 'incomplete'}" for n, v in st.items()) or "no checkpoint"
 
 

@@ -7,7 +7,7 @@ mean (sft.sft_loss with the all-reduced token count, as in sft.py).
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --reuse     # load one full state dict twice
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --bn        # masked BN, one row per rank
 
-Writes OUT/model (fsdp_utils.save_hf), OUT/grads.safetensors and OUT/result.json (rank 0).
+Writes OUT/model (checkpoint.save_hf), OUT/grads.safetensors and OUT/result.json (rank 0).
 Checks that only make sense inside the run (reload, load_full_state_dict, gathered) are asserted
 here: a failure exits non-zero.
 """
@@ -20,9 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import fsdp_utils as fu  # noqa: E402
 import sft  # noqa: E402
+import task  # noqa: E402
 
 torch.set_num_threads(1)
 LR, N_ROWS = 1e-4, 8
@@ -36,9 +38,9 @@ def is_dtensor(p) -> bool:
 
 def main(out: str):
     device = fu.setup("cpu")
-    tok = data.build_char_tokenizer()
-    model = data.build_tiny_model(tok, seed=0)
-    rows = data.builtin_sft_data(N_ROWS, seed=0)
+    tok = task.build_char_tokenizer()
+    model = task.build_tiny_model(tok, seed=0)
+    rows = task.builtin_sft_data(N_ROWS, seed=0)
     enc = [(data.encode_prompt(tok, r["prompt"]), data.encode_response(tok, r["response"])) for r in rows]
     mine = enc[fu.rank()::fu.world()]
 
@@ -64,7 +66,7 @@ def main(out: str):
               "grad_norm": gnorm}
 
     # rollout inside gathered(): eval mode, parameters kept gathered between generated tokens
-    prompts = data.builtin_prompts(6, "eval")
+    prompts = task.builtin_prompts(6, "eval")
     gen = {}
     with fu.gathered(model):
         assert not model.training
@@ -88,7 +90,7 @@ def main(out: str):
     # save, reload with transformers on rank 0
     sd = fu.full_state_dict(model)  # collective: every rank calls it; {} off rank 0
     assert (len(sd) > 0) == (fu.rank() == 0)
-    fu.save_hf(model, tok, os.path.join(out, "model"))
+    checkpoint.save_hf(model, tok, os.path.join(out, "model"))
     if fu.rank() == 0:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         reloaded = AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"))
@@ -98,7 +100,7 @@ def main(out: str):
         assert AutoTokenizer.from_pretrained(os.path.join(out, "model")).eos_token_id == tok.eos_token_id
 
     # load_full_state_dict: rank 0's weights into a differently initialised, sharded model
-    fresh = fu.shard(data.build_tiny_model(tok, seed=1), device)
+    fresh = fu.shard(task.build_tiny_model(tok, seed=1), device)
     fu.load_full_state_dict(fresh, dict(sd))  # a copy: see reuse_state_dict()
     fsd = fu.full_state_dict(fresh)
     if fu.rank() == 0:
@@ -124,11 +126,11 @@ def reuse_state_dict():
     """One full state dict loaded into two sharded models (policy and reference from the same SFT
     checkpoint): the caller's dict must still hold the full tensors after the first load."""
     device = fu.setup("cpu")
-    tok = data.build_char_tokenizer()
-    sd = fu.full_state_dict(fu.shard(data.build_tiny_model(tok, seed=0), device))
+    tok = task.build_char_tokenizer()
+    sd = fu.full_state_dict(fu.shard(task.build_tiny_model(tok, seed=0), device))
     ref = {k: v.clone() for k, v in sd.items()}
     for seed in (1, 2):
-        model = fu.shard(data.build_tiny_model(tok, seed=seed), device)
+        model = fu.shard(task.build_tiny_model(tok, seed=seed), device)
         fu.load_full_state_dict(model, sd)
         if fu.rank() == 0:
             changed = [k for k in ref if type(sd[k]) is not torch.Tensor or not torch.equal(sd[k], ref[k])]

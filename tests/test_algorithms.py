@@ -6,6 +6,7 @@ import torch
 import data
 import dvpo
 import gvm
+import task
 import train_utils as tu
 
 T_ = torch.tensor
@@ -272,7 +273,7 @@ def test_load_reward_fn(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fn = tu.load_reward_fn("my_reward:exact", builtin=False)
     assert fn("q", "ok") == 1.0 and fn("q", "no") == 0.0
-    assert tu.load_reward_fn("", builtin=True) is data.gold_reward
+    assert tu.load_reward_fn("", builtin=True) is task.gold_reward
     assert tu.load_reward_fn("", builtin=False) is None
     for bad in ("my_reward:missing", "no_such_module:f", "my_reward"):
         with pytest.raises(data.DataError, match="--eval_reward"):

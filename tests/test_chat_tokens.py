@@ -10,8 +10,10 @@ import pytest
 import torch
 from transformers import AutoModel, GenerationConfig
 
+import checkpoint
 import data
 import gvm
+import task
 import train_utils as tu
 
 CHATML = ("{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -22,7 +24,7 @@ CHATML = ("{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] + '<|i
 def chat_tok():
     """The char tokenizer (EOS </s>, id 1) plus a special <|im_end|> that ends every chat turn and a
     special <|eot|> that a model may list in its generation_config only."""
-    tok = data.build_char_tokenizer()
+    tok = task.build_char_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>", "<|eot|>"]})
     tok.chat_template = CHATML
     return tok
@@ -42,7 +44,7 @@ def test_end_of_turn_and_stop_tokens(chat_tok):
     assert data.stop_token_ids(chat_tok, GenerationConfig(eos_token_id=9)) == sorted([1, 9, eot])
     assert data.stop_token_ids(chat_tok, GenerationConfig()) == sorted([1, eot])
     # no template, a template ending turns with EOS, a template with nothing special after a turn: EOS
-    plain = data.build_char_tokenizer()
+    plain = task.build_char_tokenizer()
     assert data.end_of_turn_id(plain) == plain.eos_token_id and data.stop_token_ids(plain) == [1]
     plain.chat_template = "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
     assert data.end_of_turn_id(plain) == plain.eos_token_id
@@ -118,13 +120,13 @@ def test_rollout_and_evaluation_stop_at_every_stop_token(chat_tok):
 def chat_gvm(chat_tok, tmp_path):
     """A GVM folder (tiny backbone, zero head made non-zero) whose gvm_config says it was trained on chat prompts."""
     path = str(tmp_path / "lm")
-    lm = data.build_tiny_model(chat_tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    lm = task.build_tiny_model(chat_tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     lm.save_pretrained(path)
     chat_tok.save_pretrained(path)
     model = tu.ValueModel(AutoModel.from_pretrained(path))
     torch.nn.init.normal_(model.value_head.weight, generator=torch.Generator().manual_seed(0))
     out = str(tmp_path / "gvm")
-    tu.save_value_model(model, chat_tok, out, gvm.GVM_CONFIG, {"tau_k": 0, "chat_prompts": True})
+    checkpoint.save_value_model(model, chat_tok, out, gvm.GVM_CONFIG, {"tau_k": 0, "chat_prompts": True})
     return out
 
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import fsdp_utils as fu
-import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -35,7 +35,7 @@ def _child(script: str, args: list, log: str, kill_at: str):
     os.environ.pop("DVPO_KILL_AT", None)
     if kill_at:
         os.environ["DVPO_KILL_AT"] = kill_at
-    fu._fault_hits.clear()
+    checkpoint._fault_hits.clear()
     mod = importlib.import_module(script)
     mod.main(fu.parse_config(mod.Config, args))  # a SystemExit("message") exits 1 with the message on stderr
 
@@ -200,10 +200,10 @@ def test_resume_flags_say_what_they_do(setup, tmp_path):
 def test_trim_metrics_drops_later_steps_and_a_partial_line(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
     open(path, "w").write('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "kl": 0.')
-    tu.trim_metrics(path, 2)
+    checkpoint.trim_metrics(path, 2)
     assert open(path).read() == '{"step": 1}\n{"step": 2}\n'
     open(path, "w").write('{"step": 1}\n{"step": 2, "kl": 0.')  # killed while appending the checkpoint's own row
-    tu.trim_metrics(path, 2)
+    checkpoint.trim_metrics(path, 2)
     assert open(path).read() == '{"step": 1}\n'
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import task
 
 
 def write_jsonl(tmp_path, records, name="f.jsonl"):
@@ -35,13 +36,13 @@ def assistant(text):
 
 @pytest.fixture
 def tok():
-    return data.build_char_tokenizer()
+    return task.build_char_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tk = data.build_char_tokenizer()
-    model = data.build_tiny_model(tk, seed=0)
+    tk = task.build_char_tokenizer()
+    model = task.build_tiny_model(tk, seed=0)
     model.eval()
     return model, tk
 
@@ -239,7 +240,7 @@ def vocab_id(tk, c):
     return tk.convert_tokens_to_ids(c)
 
 
-@pytest.mark.parametrize("make", [data.build_char_tokenizer, bos_char_tokenizer])
+@pytest.mark.parametrize("make", [task.build_char_tokenizer, bos_char_tokenizer])
 def test_chat_prompt_uses_template_without_doubled_special_tokens(make):
     tk = make()
     msgs = [user("hi"), assistant("yo"), user("sort 321")]
@@ -322,7 +323,6 @@ def test_collate_shapes_and_padding_sides(tok):
         assert left["attention_mask"][i].tolist() == [0] * (8 - len(p)) + [1] * len(p)
     assert data.position_ids(left["attention_mask"])[1].tolist() == [0] * 6 + [0, 1]
     assert data.response_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
-    assert data.shard(list(range(7)), 1, 3) == [1, 4]
 
 
 def test_gather_response_hand_example():
@@ -398,40 +398,40 @@ def test_response_logprobs_temperature(tiny):
 # The built-in task
 
 def test_gold_reward_hand_checked():
-    assert data.builtin_target("52817:") == "12578"
-    assert data.gold_reward("52817:", "12578") == 1.0
-    assert data.gold_reward("52817:", "12579") == pytest.approx(0.8)
-    assert data.gold_reward("52817:", "125789") == pytest.approx(5 / 6)  # too long: divided by |y|
-    assert data.gold_reward("52817:", "125") == pytest.approx(3 / 5)  # too short: divided by |t|
-    assert data.gold_reward("52817:", "") == 0.0
-    assert data.gold_reward("52817:", "12a78") == pytest.approx(0.8)
-    assert data.gold_reward("52817:", "1257 8") == pytest.approx(4 / 6)
-    assert data.gold_reward("52817:", "87521") == pytest.approx(1 / 5)  # only the middle 5 is in place
+    assert task.builtin_target("52817:") == "12578"
+    assert task.gold_reward("52817:", "12578") == 1.0
+    assert task.gold_reward("52817:", "12579") == pytest.approx(0.8)
+    assert task.gold_reward("52817:", "125789") == pytest.approx(5 / 6)  # too long: divided by |y|
+    assert task.gold_reward("52817:", "125") == pytest.approx(3 / 5)  # too short: divided by |t|
+    assert task.gold_reward("52817:", "") == 0.0
+    assert task.gold_reward("52817:", "12a78") == pytest.approx(0.8)
+    assert task.gold_reward("52817:", "1257 8") == pytest.approx(4 / 6)
+    assert task.gold_reward("52817:", "87521") == pytest.approx(1 / 5)  # only the middle 5 is in place
 
 
 def test_builtin_prompts_deterministic_and_splits_disjoint():
-    a = data.builtin_prompts(300, "train", seed=0)
-    assert a == data.builtin_prompts(300, "train", seed=0)
-    assert a != data.builtin_prompts(300, "train", seed=1)
-    e = data.builtin_prompts(300, "eval", seed=0)
+    a = task.builtin_prompts(300, "train", seed=0)
+    assert a == task.builtin_prompts(300, "train", seed=0)
+    assert a != task.builtin_prompts(300, "train", seed=1)
+    e = task.builtin_prompts(300, "eval", seed=0)
     assert not set(a) & set(e)
-    assert not set(data.builtin_prompts(300, "train", seed=1)) & set(data.builtin_prompts(300, "eval", seed=2))
+    assert not set(task.builtin_prompts(300, "train", seed=1)) & set(task.builtin_prompts(300, "eval", seed=2))
     for p in a + e:
         assert p.endswith(":") and p[:-1].isdigit() and 4 <= len(p) - 1 <= 7
     assert len(set(len(p) for p in a)) == 4
     with pytest.raises(ValueError):
-        data.builtin_prompts(1, "test")
+        task.builtin_prompts(1, "test")
 
 
 def test_builtin_demo_deterministic_and_error_structure():
-    prompts = data.builtin_prompts(50)
-    assert [data.builtin_demo(p, random.Random(3)) for p in prompts] == \
-           [data.builtin_demo(p, random.Random(3)) for p in prompts]
+    prompts = task.builtin_prompts(50)
+    assert [task.builtin_demo(p, random.Random(3)) for p in prompts] == \
+           [task.builtin_demo(p, random.Random(3)) for p in prompts]
     rng = random.Random(0)
     n, counts = 3000, {"7->1": 0, "7->7": 0, "d->d": 0, "d": 0}
     for _ in range(n):
-        y = data.builtin_demo("0777722:", rng)  # target "0227777": four 7s, three other digits
-        t = data.builtin_target("0777722:")
+        y = task.builtin_demo("0777722:", rng)  # target "0227777": four 7s, three other digits
+        t = task.builtin_target("0777722:")
         assert len(y) == len(t) and y.isdigit()
         for a, b in zip(t, y):
             if a == "7":
@@ -446,15 +446,15 @@ def test_builtin_demo_deterministic_and_error_structure():
     assert abs(counts["7->7"] / n7 - 0.325) < 0.02
     # any other digit: P(kept) = 0.75 + 0.025 = 0.775
     assert abs(counts["d->d"] / counts["d"] - 0.775) < 0.02
-    assert data.builtin_demo("52817:", random.Random(0), error=0.0, confusion=("7", "1", 0.0)) == "12578"
-    assert data.builtin_demo("777:", random.Random(0), error=0.0, confusion=("7", "1", 1.0)) == "111"
+    assert task.builtin_demo("52817:", random.Random(0), error=0.0, confusion=("7", "1", 0.0)) == "12578"
+    assert task.builtin_demo("777:", random.Random(0), error=0.0, confusion=("7", "1", 1.0)) == "111"
 
 
 def test_builtin_sft_data():
-    rows = data.builtin_sft_data(40, seed=0)
-    assert rows == data.builtin_sft_data(40, seed=0)
-    assert [r["prompt"] for r in rows] == data.builtin_prompts(40, "train", 0)
-    mean = sum(data.gold_reward(r["prompt"], r["response"]) for r in rows) / len(rows)
+    rows = task.builtin_sft_data(40, seed=0)
+    assert rows == task.builtin_sft_data(40, seed=0)
+    assert [r["prompt"] for r in rows] == task.builtin_prompts(40, "train", 0)
+    mean = sum(task.gold_reward(r["prompt"], r["response"]) for r in rows) / len(rows)
     assert 0.4 < mean < 0.9  # flawed demonstrations, well below 1
 
 
@@ -462,7 +462,7 @@ def test_bt_label_frequency():
     rng = random.Random(0)
     for ga, gb, t in [(1.0, 0.0, 0.1), (0.6, 0.4, 0.2), (0.3, 0.3, 1.0), (0.0, 1.0, 0.5)]:
         p = 1 / (1 + math.exp(-(ga - gb) / t))
-        freq = sum(data.bt_label(ga, gb, t, rng) for _ in range(4000)) / 4000
+        freq = sum(task.bt_label(ga, gb, t, rng) for _ in range(4000)) / 4000
         assert abs(freq - p) < 0.03, (ga, gb, t, freq, p)
 
 
@@ -546,16 +546,16 @@ def test_sample_token_top_p_and_temperature():
 
 def test_builtin_pairs(tiny):
     model, tk = tiny
-    prompts = data.builtin_prompts(16, "train", seed=0)
-    rows, same = data.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0)
+    prompts = task.builtin_prompts(16, "train", seed=0)
+    rows, same = task.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0)
     assert isinstance(same, int) and len(rows) + same == len(prompts) and len(rows) > 0
     for r in rows:
         assert set(r) == {"prompt", "chosen", "rejected", "policy", "gold_chosen", "gold_rejected"}
         assert r["policy"] == "sft" and r["prompt"] in prompts
         assert r["chosen"] != r["rejected"] and r["chosen"] and r["rejected"]
-        assert r["gold_chosen"] == data.gold_reward(r["prompt"], r["chosen"])
-        assert r["gold_rejected"] == data.gold_reward(r["prompt"], r["rejected"])
-    assert data.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0) == (rows, same)
+        assert r["gold_chosen"] == task.gold_reward(r["prompt"], r["chosen"])
+        assert r["gold_rejected"] == task.gold_reward(r["prompt"], r["rejected"])
+    assert task.builtin_pairs(model, tk, prompts, "T1.0", "sft", 0.1, seed=0) == (rows, same)
 
 
 def test_non_utf8_line_is_a_data_error_with_its_line(tmp_path):
@@ -575,26 +575,26 @@ def test_check_context_names_the_options():
 
 
 def test_parse_sampler_and_late_slips():
-    assert data.parse_sampler("T1.0") == (1.0, 0.0) and data.parse_sampler("T1.5+late0.25") == (1.5, 0.25)
+    assert task.parse_sampler("T1.0") == (1.0, 0.0) and task.parse_sampler("T1.5+late0.25") == (1.5, 0.25)
     for bad in ("1.0", "T", "Tx", "T1.0+latey"):
         with pytest.raises(ValueError, match="sampler"):
-            data.parse_sampler(bad)
+            task.parse_sampler(bad)
     rng = random.Random(0)
     prompt = "9876543:"  # 7 digits: the second half starts at position ceil(7/2) = 4
-    assert data.late_slips(prompt, "3456789", 0.0, rng) == "3456789"
-    slipped = [data.late_slips(prompt, "3456789", 1.0, rng) for _ in range(200)]
+    assert task.late_slips(prompt, "3456789", 0.0, rng) == "3456789"
+    slipped = [task.late_slips(prompt, "3456789", 1.0, rng) for _ in range(200)]
     assert all(y[:4] == "3456" and len(y) == 7 and y[4:].isdigit() for y in slipped)  # early digits never slip
     assert len({y[4:] for y in slipped}) > 50  # late ones are redrawn
-    assert all(data.late_slips(prompt, "3456789", 1.0, rng, start=6)[:6] == "345678" for _ in range(20))  # a prefix
+    assert all(task.late_slips(prompt, "3456789", 1.0, rng, start=6)[:6] == "345678" for _ in range(20))  # a prefix
 
 
 def test_sample_builtin_continues_prefixes(tiny):
     model, tk = tiny
-    prompts = data.builtin_prompts(6, "eval")
+    prompts = task.builtin_prompts(6, "eval")
     prefixes = ["1", "12", "", "9", "00", "5"]
     g = torch.Generator().manual_seed(0)
-    ys = data.sample_builtin(model, tk, prompts, "T1.0+late1.0", g, random.Random(0), prefixes)
+    ys = task.sample_builtin(model, tk, prompts, "T1.0+late1.0", g, random.Random(0), prefixes)
     assert all(y.startswith(x) for x, y in zip(prefixes, ys))
-    plain = data.sample_builtin(model, tk, prompts, "T1.0", torch.Generator().manual_seed(0), random.Random(0))
+    plain = task.sample_builtin(model, tk, prompts, "T1.0", torch.Generator().manual_seed(0), random.Random(0))
     reference = data.sample_texts(model, tk, prompts, 16, 1.0, 1.0, 256, torch.Generator().manual_seed(0))
     assert plain == reference  # a plain sampler is exactly temperature sampling

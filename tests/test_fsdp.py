@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import data
+import task
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_fsdp_step.py")
@@ -69,7 +69,7 @@ def test_two_process_fsdp_step_matches_single_process(tmp_path):
         torch.testing.assert_close(g2[k], g1[k], atol=1e-6, rtol=1e-4, msg=k)
 
     w1, w2 = load(one / "model" / "model.safetensors"), load(two / "model" / "model.safetensors")
-    init = data.build_tiny_model(data.build_char_tokenizer(), seed=0).state_dict()
+    init = task.build_tiny_model(task.build_char_tokenizer(), seed=0).state_dict()
     assert set(w1) == set(w2) == set(init)
     for k in w1:
         assert torch.allclose(w2[k], w1[k], atol=1e-5, rtol=0), k

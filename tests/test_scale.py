@@ -10,10 +10,12 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import data
 import dvpo
 import gvm
 import ppo_baseline
+import task
 import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,8 +25,8 @@ C = 7.5  # the head scale factor: a value model trained "the same" but with 7.5Ã
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("policy"))
-    tok = data.build_char_tokenizer()
-    data.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
+    tok = task.build_char_tokenizer()
+    task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
     tok.save_pretrained(path)
     policy, _ = tu.load_policy(path)
     value = tu.new_value_model(path)
@@ -34,7 +36,7 @@ def setup(tmp_path_factory):
     with torch.no_grad():
         scaled.value_head.weight.mul_(C)
         scaled.value_head.bias.mul_(C)
-    prompts = data.builtin_prompts(8, "train")
+    prompts = task.builtin_prompts(8, "train")
     ids = [data.encode_prompt(tok, p) for p in prompts]
     batch = tu.rollout(policy, ids, tok, 8, 1.0, 1.0, torch.Generator().manual_seed(0), "cpu")
     held_rows = [{"prompt": p, "chosen": "1234", "rejected": "4321", "policy": None} for p in prompts[:6]]
@@ -108,7 +110,7 @@ def test_nan_guard_stops_with_one_line(setup, tmp_path):
     bad = copy.deepcopy(setup["value"])
     with torch.no_grad():
         bad.value_head.bias.fill_(float("nan"))
-    tu.save_value_model(bad, setup["tok"], gvm_dir, gvm.GVM_CONFIG, {"tau_k": 0, "value_std": 1.0})
+    checkpoint.save_value_model(bad, setup["tok"], gvm_dir, gvm.GVM_CONFIG, {"tau_k": 0, "value_std": 1.0})
     out = str(tmp_path / "dvpo")
     p = subprocess.run([sys.executable, "dvpo.py", "--model", model_dir, "--gvm", gvm_dir, "--out_dir", out,
                         "--steps", "2", "--batch_size", "4", "--minibatch_size", "4", "--micro_batch_size", "4",

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import gvm
 import ppo_baseline
+import task
 import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,8 +38,8 @@ def run(args, nproc=1, timeout=300):
 def tiny_sft(tmp_path_factory):
     """An untrained tiny model saved as if it were the SFT policy (fast; behaviour is irrelevant)."""
     path = str(tmp_path_factory.mktemp("sft"))
-    tok = data.build_char_tokenizer()
-    data.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
+    tok = task.build_char_tokenizer()
+    task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

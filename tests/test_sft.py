@@ -9,6 +9,7 @@ import torch
 
 import data
 import sft
+import task
 import train_utils as tu
 
 
@@ -58,9 +59,9 @@ def test_short_sft_run_raises_heldout_gold_reward(tmp_path):
     model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
     model.eval()
     assert tok.eos_token_id == 1 and tok.pad_token_id == 0
-    prompts = data.builtin_prompts(64, "eval")
+    prompts = task.builtin_prompts(64, "eval")
     ys = data.sample_texts(model, tok, prompts, 16, temperature=0.0)
-    greedy = sum(data.gold_reward(p, y) for p, y in zip(prompts, ys)) / len(prompts)
+    greedy = sum(task.gold_reward(p, y) for p, y in zip(prompts, ys)) / len(prompts)
     assert greedy > 0.7  # the saved checkpoint is the trained model
 
 

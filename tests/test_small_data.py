@@ -14,6 +14,7 @@ import dvpo
 import gvm
 import ppo_baseline
 import sft
+import task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [1, 2, 9, 10, 64]
@@ -55,8 +56,8 @@ def prompt_recs(n):
 @pytest.fixture(scope="module")
 def tiny_sft(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("sft"))
-    tok = data.build_char_tokenizer()
-    data.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
+    tok = task.build_char_tokenizer()
+    task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -5,7 +5,7 @@ import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GROUND = {"data", "fsdp_utils", "train_utils"}  # the ground floor: plumbing, imported by the scripts
+GROUND = {"data", "task", "fsdp_utils", "train_utils", "checkpoint"}  # the ground floor: plumbing and the built-in task
 ALGORITHM_FROM_DVPO = {"BATCH_KEYS", "gae", "kl_controller", "masked_batch_norm", "masked_mean", "ppo_clip_loss",
                        "terminal", "discounted_cumsum", "td_advantages"}  # what ppo_baseline.py may reuse
 
