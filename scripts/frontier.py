@@ -80,7 +80,8 @@ def collect(out: str, methods, betas, seeds, steps) -> dict:
                                  "gold_greedy": x["eval/reward_greedy_after"], "gold_before": x["eval/reward_before"],
                                  "kl": x["eval/kl_to_ref"], "kl_stderr": x["eval/kl_to_ref_stderr"],
                                  "seconds": x["train/seconds"],
-                                 "final_reward_corr": last.get("gvm/reward_corr", last.get("rm/reward_corr"))})
+                                 "final_reward_corr": last.get("gvm/reward_corr",  # absent: undefined that step
+                                                               last.get("rm/reward_corr", math.nan))})
     groups = {}
     for r in rows:
         groups.setdefault((r["method"], r["beta"], r["steps"]), []).append(r)
@@ -123,7 +124,8 @@ def plot(res: dict, out: str, drift_beta: float | None):
                 if not ps:
                     continue
                 ax.errorbar([p["kl"] for p in ps], [p[key] for p in ps], xerr=[p["kl_se"] for p in ps],
-                            yerr=[p[key + "_se"] for p in ps], color=COLORS[m], ls=style, marker="o" if n == 120 else "s",
+                            yerr=[p[key + "_se"] for p in ps], color=COLORS[m], ls=style,
+                            marker="o" if n == 120 else "s",
                             mfc=COLORS[m] if n == 120 else "white", capsize=2, label=f"{LABELS[m]}, {n} steps")
                 for p in ps:
                     ax.annotate(f"{p['beta']:g}", (p["kl"], p[key]), textcoords="offset points", xytext=(3, -9),
@@ -154,7 +156,7 @@ def plot(res: dict, out: str, drift_beta: float | None):
         if not curves:
             continue
         n = min(len(c) for c in curves.values())
-        mean = lambda k: [statistics.mean(c[i][k] for c in curves.values()) for i in range(n)]
+        mean = lambda k: [statistics.mean(c[i].get(k, math.nan) for c in curves.values()) for i in range(n)]
         steps = list(range(1, n + 1))
         corr = "rm/reward_corr" if m == "ppo" else "gvm/reward_corr"
         axes[0].plot(steps, mean(corr), color=COLORS[m], label=LABELS[m])
