@@ -363,7 +363,7 @@ def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, res
     """The τ prefix (docs/algorithm.md §8): K (prompt ids, response ids) pairs, each prompt cut from
     the left to prompt_len tokens and each response from the right to response_len, concatenated
     in order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
-    return [t for p, r in examples for t in p[-prompt_len:] + r[:response_len]]
+    return [t for p, r in examples for t in p[max(len(p) - prompt_len, 0):] + r[:response_len]]
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,7 @@ def test_pairwise_accuracy_counts_ties_half():
 def test_tau_prefix_truncation():
     ex = [([1, 2, 3, 4], [5, 6, 9]), ([7, 8], [10, 11, 12, 9])]
     assert data.tau_prefix(ex, prompt_len=2, response_len=3) == [3, 4, 5, 6, 9, 7, 8, 10, 11, 12]
+    assert data.tau_prefix(ex, prompt_len=0, response_len=2) == [5, 6, 10, 11]  # τ from responses only
 
 
 # ---------------------------------------------------------------- advantages (§3)
