@@ -263,7 +263,8 @@ def load_rows(cfg: Config, tok, device) -> tuple[str, list, list]:
         sys.exit(f"gvm.py: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
     if not cfg.data:
         kind = "preference"
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+        # the pairs are sampled on rank 0 only (build_builtin_pairs): no other rank loads the policy
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval() if fu.rank() == 0 else None
         rows = build_builtin_pairs(cfg, policy, tok, device)
         train_rows, eval_rows = rows["train"], rows["eval"]
         del policy
@@ -317,12 +318,11 @@ def main(cfg: Config):
                 sys.exit(f"gvm.py: policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
 
     # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
-    model = tu.new_value_model(cfg.model)
+    model = tu.new_value_model(cfg.model, device)
     longest = max(len(e["prompt"]) + max(len(e[k]) for k in e if k in ("chosen", "rejected", "response"))
                   for e in train + held)
     data.check_context(longest + cfg.tau_k * (cfg.tau_prompt_len + cfg.tau_response_len), model.backbone.config,
                        "τ + prompt + response")
-    model = fu.shard(model, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = len(train) // cfg.batch_size
