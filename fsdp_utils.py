@@ -6,6 +6,8 @@ operation) when the process group is not initialized, so `python x.py` and
   1. setup(): init from the torchrun environment (nccl on CUDA, gloo on CPU), pick the device.
   2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
      fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
+     Sharded loading (torchtitan's pattern): a model built on the meta device is sharded first, then
+     only this rank's shards are allocated and filled from rank 0's full copy, tensor by tensor.
   3. full_state_dict / save_hf: gather a full state dict on rank 0 (a collective: every rank calls it)
      and write an HF folder (safetensors) through a temp folder, then renames. (Checkpoints have their
      own crash-safe protocol in train_utils; fault_point lets tests kill a save at any stage.)
@@ -80,14 +82,19 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None) -> torch.nn.Module:
-    """Move to device; under torchrun apply FSDP2: fully_shard(block) for each decoder block, then
-    fully_shard(root). mixed_precision (default: on for CUDA) computes in bf16 and reduces
-    gradients in fp32; the sharded master weights stay fp32."""
-    model.to(device)
+def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None,
+          full: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Under torchrun apply FSDP2: fully_shard(block) for each decoder block, then fully_shard(root);
+    one process: just move to device. mixed_precision (default: on for CUDA) computes in bf16 and
+    reduces gradients in fp32; the sharded weights keep the model's dtype (fp32 master weights).
+    Sharded loading: when `model` was built on the meta device (it holds no memory), only this
+    rank's shards are allocated (to_empty) and filled from `full`, the loaded model on rank 0's CPU
+    (None on the other ranks; see load_from_rank0)."""
     if not is_dist():
-        return model
-
+        return model.to(device)
+    meta = any(p.is_meta for p in model.parameters())
+    if not meta:
+        model.to(device)
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     mesh = init_device_mesh(device.type, (world(),))
@@ -96,7 +103,34 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | 
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if meta:
+        model.to_empty(device=device)  # this rank's shards (and the small buffers), uninitialised
+        load_from_rank0(model, full)
     return model
+
+
+@torch.no_grad()
+def load_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None):
+    """Fill a sharded model from `full` (rank 0: the loaded model on its CPU; other ranks: None).
+    set_model_state_dict broadcasts one tensor at a time, and each rank keeps only its slice: no
+    rank but 0 ever holds more than its shards plus one full tensor, and no device holds an
+    unsharded model. Buffers go separately: non-persistent ones (rotary inv_freq) are not in the
+    state dict, and to_empty left them uninitialised."""
+    load_full_state_dict(model, full.state_dict() if rank() == 0 else {})
+    src = dict(full.named_buffers()) if rank() == 0 else {}
+    for name, buf in model.named_buffers():
+        if rank() == 0:
+            buf.copy_(src[name])
+        dist.broadcast(buf, src=0)
+
+
+def grad_sync(model: torch.nn.Module, on: bool):
+    """FSDP2 gradient accumulation: with on=False the next backward keeps its gradients unsharded
+    on this rank (no reduce-scatter), the final micro-batch (on=True) reduce-scatters the sum. Saves
+    (micro-batches - 1) reduce-scatters per optimizer step, and costs the trained model's unsharded
+    gradients (fp32 under mixed precision) on every rank meanwhile. No-op on one process."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
 
 
 def fsdp_modules(model: torch.nn.Module) -> list:

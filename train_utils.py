@@ -4,7 +4,8 @@ No algorithm lives here (that stays in the scripts, next to its equations); this
 training script needs around the algorithm, written once:
   1. Models in and out: load_policy (a hub id, a local path, or the built-in tiny Llama) and
      ValueModel, a causal-LM backbone + a linear value head — the GVM, the reward model and the
-     critic all have this shape — with save_value_model / load_value_model.
+     critic all have this shape — with save_value_model / load_value_model. Every loader returns the
+     model on its device, sharded under torchrun (on_device: rank 0 reads, the others get shards).
   2. Prompts and rollouts: load_prompts (the built-in task or a file, with a held-out split),
      rollout (one sampled response per prompt, in the layout every loss reads), frozen_logprobs.
   3. Seeds, schedules and checks: seed_for (every random draw of a run comes from --seed, a
@@ -29,7 +30,7 @@ import sys
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import data
 import fsdp_utils as fu
@@ -46,13 +47,54 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_policy(path: str, seed: int = 0):
-    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty.
-    Weights in fp32: the trained copy is the fp32 master (bf16 compute comes from FSDP's policy)."""
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--frozen_dtype: the dtype of the frozen models (reference, GVM, reward model). auto = bfloat16
+    on CUDA (half the memory; their forwards compute in bf16 anyway) and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise data.DataError(f"--frozen_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
+def on_device(load, device, frozen: bool = False):
+    """The one way a script gets a model: `load(meta)` builds it — on the CPU with its weights
+    (meta=False), or the same modules on the meta device, no memory (meta=True). One process:
+    load(False) moved to `device`. Under torchrun (sharded loading): rank 0 calls load(False), every
+    rank shards load(True), and rank 0's weights are broadcast into the shards (fsdp_utils.shard):
+    no rank but 0 ever holds the full model. frozen: no gradients, eval mode."""
+    full = load(False) if fu.rank() == 0 else None
+    model = full
+    if fu.is_dist():
+        with torch.device("meta"):
+            model = load(True)
+    if frozen:
+        model.requires_grad_(False).eval()
+    return fu.shard(model, device, full=full)
+
+
+def hf_model(path: str, dtype: torch.dtype, meta: bool, cls=AutoModelForCausalLM):
+    """The HF model at `path` in `dtype`: loaded (from_pretrained), or, on the meta device, the same
+    modules built from its config, with the generation settings from_pretrained would read."""
+    if not meta:
+        return cls.from_pretrained(path, dtype=dtype)
+    model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: from_pretrained keeps the default from the config too
+            pass
+    return model
+
+
+def load_policy(path: str, device="cpu", seed: int = 0, dtype=torch.float32, frozen: bool = False):
+    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty,
+    on `device`, sharded under torchrun. Trained: fp32, the master weights (bf16 compute comes from
+    FSDP's policy); frozen (the reference): dtype (see frozen_dtype)."""
     if not path:
         tok = data.build_char_tokenizer()
-        return data.build_tiny_model(tok, seed=seed), tok
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+        return on_device(lambda meta: data.build_tiny_model(tok, seed=seed).to(dtype), device, frozen), tok
+    return on_device(lambda meta: hf_model(path, dtype, meta), device, frozen), load_tokenizer(path)
 
 
 class ValueModel(nn.Module):
@@ -72,23 +114,30 @@ class ValueModel(nn.Module):
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
 
 
-def new_value_model(path: str) -> ValueModel:
-    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero."""
-    return ValueModel(AutoModel.from_pretrained(path, dtype=torch.float32))
+def new_value_model(path: str, device="cpu", dtype=torch.float32, frozen: bool = False) -> ValueModel:
+    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero,
+    on `device`, sharded under torchrun; trained: fp32 (frozen: in dtype, as load_value_model)."""
+    return on_device(lambda meta: ValueModel(hf_model(path, dtype, meta, AutoModel)).to(dtype), device, frozen)
 
 
-def load_value_model(path: str, config_name: str, hint: str, dtype=torch.float32):
+def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype=torch.float32,
+                     frozen: bool = False):
     """(model, tokenizer, config) from a folder written by save_value_model: the backbone in HF
     format, value_head.safetensors and a JSON config named config_name (gvm_config.json,
-    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong."""
+    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong.
+    On `device`, sharded under torchrun; frozen (GVM, reward model): no gradients, in dtype."""
     for name in ("config.json", "value_head.safetensors", config_name):
         if not os.path.exists(os.path.join(path, name)):
             raise FileNotFoundError(f"{path}: missing {name}; {hint}")
-    model = ValueModel(AutoModel.from_pretrained(path, dtype=dtype))
-    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+
+    def load(meta):
+        model = ValueModel(hf_model(path, dtype, meta, AutoModel))
+        if not meta:
+            model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+        return model.to(dtype)
     with open(os.path.join(path, config_name)) as f:
         config = json.load(f)
-    return model.to(dtype), load_tokenizer(path), config
+    return on_device(load, device, frozen), load_tokenizer(path), config
 
 
 def value_scale(config: dict, normalize: bool, path: str) -> float:
