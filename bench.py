@@ -8,21 +8,19 @@ method goes first, medians reported):
      old + ref + GVM, PPO: old + ref + RM + critic) -> update (E epochs × minibatches of policy
      fwd/bwd + AdamW; PPO: + critic fwd/bwd + AdamW). Random prompts; a random-init preset written to
      disk once, or --model; GVM / RM / critic are its backbone + a value head, loaded as the scripts do.
-  2. Memory per rank, loading and steps apart. CPU: peak RSS (VmHWM) minus the RSS after imports,
-     process group and tokenizer ("net"), from one extra short run per method with
-     MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors leave the RSS. CUDA: max_memory_allocated.
-     Every rank also reports its shards' bytes and the largest single tensor (its loading transient).
+  2. Memory per rank, loading and steps apart. CPU: peak RSS (VmHWM) minus the RSS after imports, process
+     group and tokenizer ("net"), of one extra run per method with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors
+     leave the RSS). CUDA: max_memory_allocated. Every rank also reports its shard bytes and largest tensor.
 Analytic model printed beside it (N_π policy and reference parameters, N_v GVM / RM / critic):
   3. State per rank: trained T = 4 w + 4 grad + 8 AdamW = 16 B, frozen F = 4 (bf16: 2), both /world
      under FSDP2: DVPO = T·N_π + F·(N_π + N_v), PPO = T·(N_π + N_v) + F·(N_π + N_v); equal sizes:
-     (T + 2F)/(2T + 2F) = 0.60. Per phase, with activations and gathered weights: per_rank_memory.
+     (T + 2F)/(2T + 2F) = 0.60. Per phase, with activations: scripts/projection.py (per_rank_memory).
   4. FLOPs, D = B·(P + T) tokens: forward 2·N·D, forward+backward 6·N·D, generation 2·N_π·D.
      In forward units (equal sizes, E epochs): DVPO = 1 + 3 + 3E, PPO = 1 + 4 + 6E -> E = 4: 16/29.
 
 Launch (docs/performance.md has the measured tables):
   python bench.py --preset 50m                          # CPU: ~50M-parameter Llama shapes, 4 models
   python bench.py --preset 50m --processes 2            # FSDP2 under torchrun: per-rank figures
-  python bench.py --projection                          # per-GPU memory, 1B-70B on 8 × 80 GB (no run)
   torchrun --nproc_per_node 8 bench.py --preset 1b      # CUDA: rank 0 relaunches torchrun per measurement
 """
 from __future__ import annotations
@@ -65,7 +63,6 @@ class Config:
     processes: int = 1  # > 1: each measurement runs under torchrun --nproc_per_node <processes> (FSDP2)
     gradient_checkpointing: bool = False  # on the policy and the critic
     frozen_dtype: str = "auto"  # reference, GVM, RM: auto = bfloat16 on CUDA, float32 on CPU (as the scripts)
-    projection: bool = False  # print the analytic per-GPU memory of 1B-70B models on 8 × 80 GB and exit
     out_dir: str = "out/bench"  # bench.json, and one JSON per measurement process
     result: str = ""  # --method dvpo|ppo: where to write this measurement's JSON (set by the parent)
     seed: int = 0
@@ -83,14 +80,6 @@ PRESETS = {
 }
 PHASES = ("generation", "score", "update")
 PAPER = {"3B": {"ppo": (41.43, 23), "dvpo": (27.50, 13)}, "8B": {"ppo": (78.96, 70), "dvpo": (60.49, 48)}}  # (GB, s)
-# per_rank_memory's shapes of Llama 3.2 1B / 3B and Llama 3.1 8B / 70B (their config.json files)
-LLAMA = {"1B": dict(hidden=2048, inter=8192, layers=16, kv=512, vocab=128256, tied=True),
-         "3B": dict(hidden=3072, inter=8192, layers=28, kv=1024, vocab=128256, tied=True),
-         "8B": dict(hidden=4096, inter=14336, layers=32, kv=1024, vocab=128256, tied=False),
-         "70B": dict(hidden=8192, inter=28672, layers=80, kv=1024, vocab=128256, tied=False)}
-# the paper's App. A PPO/DVPO setting per GPU: rollout batch 8, mini-batch 2 with 2 accumulation steps
-# (micro-batch 1 or 2: we take 2), 1024 generated tokens; its prompt length is not given: 512 assumed
-PAPER_RUN = dict(world=8, micro=2, rollout=8, seq_len=512 + 1024, response_len=1024)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,69 +105,6 @@ def model_memory(method: str, n_policy: int, n_value: int, T: float, F: float) -
       ppo : T·N_π (policy) + T·N_v (critic) + F·N_π (reference) + F·N_v (reward model)"""
     trained = n_policy + (n_value if method == "ppo" else 0)
     return T * trained + F * (n_policy + n_value)
-
-
-def shape_of(config) -> dict:
-    """per_rank_memory's shape of an HF Llama-style config."""
-    return dict(hidden=config.hidden_size, inter=config.intermediate_size, layers=config.num_hidden_layers,
-                kv=config.num_key_value_heads * config.hidden_size // config.num_attention_heads,
-                vocab=config.vocab_size, tied=bool(config.tie_word_embeddings))
-
-
-def llama_params(s: dict) -> tuple[int, int, int]:
-    """(N_π, N_v, parameters of one block): a block has 2H² + 2·H·kv (attention) + 3·H·I (MLP) + 2H
-    (norms); the embeddings V·H, the LM head another V·H unless tied; the value model drops the LM
-    head and adds its H + 1 head."""
-    H, V = s["hidden"], s["vocab"]
-    block = 2 * H * H + 2 * H * s["kv"] + 3 * H * s["inter"] + 2 * H
-    backbone = s["layers"] * block + V * H + H
-    return backbone + (0 if s["tied"] else V * H), backbone + H + 1, block
-
-
-def activation_bytes(s: dict, seqs: int, seq_len: int, response_len: int, checkpointing: bool, a: int) -> float:
-    """Bytes alive for the backward of one policy forward on `seqs` sequences of seq_len tokens (a
-    bytes per activation; attention by SDPA, which keeps no L×L matrix). Per token and block, HF
-    Llama saves ≈ 9H + 2·kv + 4I values (two RMSNorms 3H each, rotated q and k, v, the attention
-    output and o_proj's input, gate, up, silu(gate), their product); with checkpointing only each
-    block's input H, plus one block being recomputed. Logits: the (L, V) logits (a bytes, and their
-    fp32 copy unless a = 4) and three fp32 (T, V) tensors (response logits, log-softmax, its exp)."""
-    per_block = 9 * s["hidden"] + 2 * s["kv"] + 4 * s["inter"]
-    kept = s["layers"] * s["hidden"] + per_block if checkpointing else s["layers"] * per_block
-    logits = seq_len * (a + 4 * (a < 4)) + 3 * 4 * response_len
-    return seqs * (seq_len * kept * a + s["vocab"] * logits)
-
-
-def per_rank_memory(method: str, s: dict, world: int, micro: int, rollout: int, seq_len: int, response_len: int,
-                    checkpointing: bool = False, cuda: bool = True, micro_steps: int = 1) -> dict:
-    """Analytic bytes per rank of one step under FSDP2 over `world` ranks. cuda: bf16 compute,
-    activations and frozen models (p = a = f = 2), fp32 master weights; CPU: all fp32 (4).
-      state   = model_memory with T = 16/world, F = f/world      (sharded weights, grads, AdamW)
-      rollout = state - 4·N_trained/world (update() frees the gradients when it ends)
-                      + p·N_π (the policy gathered for generation, world > 1)
-                      + KV cache rollout·seq_len·layers·2·kv·a
-      update  = state + p·(2 blocks + embeddings/head) (gathered, world > 1)
-                      + 4·N_trained (unsharded fp32 gradients while gradient sync is off between
-                        micro-batches: micro_steps > 1, world > 1)
-                      + max(0, activation_bytes(micro) - 4·N_last/world): zero_grad(set_to_none)
-                        frees the gradients before each minibatch, so the activations of the last
-                        model trained (policy; PPO: critic, policy gradients alive) take their place
-      peak    = max(rollout, update)
-      load    = weights/world (trained 4 B, frozen f) + on rank 0 the largest model in full (world > 1),
-                on the others the largest single tensor (one broadcast at a time)."""
-    p = a = f = 2 if cuda else 4
-    n_pi, n_v, block = llama_params(s)
-    trained, last = (n_pi + n_v, n_v) if method == "ppo" else (n_pi, n_pi)
-    shared = world > 1
-    state = model_memory(method, n_pi, n_v, 16 / world, f / world)
-    kv = rollout * seq_len * s["layers"] * 2 * s["kv"] * a
-    root = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2) + s["hidden"]
-    acts = activation_bytes(s, micro, seq_len, response_len, checkpointing, a)
-    update = shared * (p * (2 * block + root) + (micro_steps > 1) * 4 * trained) + max(0, acts - 4 * last / world)
-    weights = (4 * trained + f * (n_pi + n_v)) / world
-    largest = max(s["vocab"] * s["hidden"], s["hidden"] * s["inter"]) * 4
-    rollout = shared * p * n_pi + kv - 4 * trained / world
-    return {"state": state, "rollout": state + rollout, "update": state + update, "peak": state + max(rollout, update),
-            "load_rank0": weights + shared * 4 * max(n_pi, n_v), "load_other": weights + shared * largest}
 
 
 def step_flops(method: str, n_policy: int, n_value: int, tokens: int, ppo_epochs: int) -> dict:
@@ -221,28 +147,16 @@ def write_preset(cfg: Config) -> str:
 
 
 def load_models(path: str, method: str, gradient_checkpointing: bool, device, frozen_dtype: torch.dtype) -> dict:
-    """policy (trained), ref (frozen) and, per method, gvm (frozen) or rm (frozen) + critic (trained),
-    each loaded on its device and sharded under torchrun as the scripts do."""
+    """policy (trained), ref (frozen) and, per method, gvm (frozen) or rm (frozen) + critic (trained)."""
     models = {"policy": tu.load_policy(path, device)[0],
               "ref": tu.load_policy(path, device, dtype=frozen_dtype, frozen=True)[0]}
     for name in (("gvm",) if method == "dvpo" else ("rm", "critic")):
         models[name] = (tu.new_value_model(path, device) if name == "critic" else
                         tu.new_value_model(path, device, dtype=frozen_dtype, frozen=True))
-    if gradient_checkpointing:
-        models["policy"].gradient_checkpointing_enable()
-        if "critic" in models:
-            models["critic"].backbone.gradient_checkpointing_enable()
+    for name, m in models.items():  # the trained ones in train mode, as the scripts set them (HF checkpoints only then)
+        if m.train(name in ("policy", "critic")).training and gradient_checkpointing:
+            (m.backbone if name == "critic" else m).gradient_checkpointing_enable()
     return models
-
-
-def tensor_bytes(models: dict) -> tuple[int, int]:
-    """(bytes of this rank's shards of every parameter and buffer, bytes of the largest full tensor)."""
-    local = largest = 0
-    for t in (t for m in models.values() for t in list(m.parameters()) + list(m.buffers())):
-        mine = t.to_local() if isinstance(t, DTensor) else t
-        local += mine.numel() * mine.element_size()
-        largest = max(largest, t.numel() * t.element_size())
-    return local, largest
 
 
 def clock(device) -> float:
@@ -297,10 +211,9 @@ def measure(cfg: Config) -> dict:
     with torch.device("meta"):  # import the model's Python code now (~120 MB for Llama): that is not model memory
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     base = fu.current_memory(device)  # after imports, process group and tokenizer; before any model exists
-
     fu.reset_peak_memory(device)  # from here on: the loading peak
-    frozen_dtype = tu.frozen_dtype(cfg.frozen_dtype, device)
-    models = load_models(path, cfg.method, cfg.gradient_checkpointing, device, frozen_dtype)
+    models = load_models(path, cfg.method, cfg.gradient_checkpointing, device,
+                         tu.frozen_dtype(cfg.frozen_dtype, device))
     opts = {n: torch.optim.AdamW(models[n].parameters(), lr=algo.lr, weight_decay=0.0)
             for n in ("policy", "critic") if n in models}
     loaded, load_peak = fu.current_memory(device), fu.peak_memory(device)
@@ -312,10 +225,11 @@ def measure(cfg: Config) -> dict:
         steps += [ph] if step >= cfg.warmup else []
         fu.print0(f"{cfg.method} step {step + 1}/{cfg.warmup + cfg.steps}{' (warmup)' if step < cfg.warmup else ''}: "
                   f"{ph['total']:.2f} s | " + " | ".join(f"{k} {ph[k]:.2f}" for k in PHASES))
-    shards, largest = tensor_bytes(models)
+    tensors = [t for m in models.values() for t in [*m.parameters(), *m.buffers()]]  # this rank's shards, the largest
+    shards = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)  # tensor (its load transient)
     per_rank = fu.all_gather_object({"step_peak": fu.peak_memory(device) - base, "load_peak": load_peak - base,
                                      "loaded": loaded - base, "base": base, "shards": shards,
-                                     "largest_tensor": largest})
+                                     "largest_tensor": max(t.numel() * t.element_size() for t in tensors)})
     result = {"method": cfg.method, "device": str(device), "world": world, "threads": cfg.threads,
               "params": {"policy": n_params(models["policy"]), "value": n_params(models.get("gvm", models.get("rm")))},
               "peak_memory_bytes": max(r["step_peak"] for r in per_rank),
@@ -408,44 +322,9 @@ def table(res: dict) -> str:
     return "\n".join(out)
 
 
-def rank_table(res: dict) -> str:
-    """Markdown, one row per rank: loading and step peaks (net, GiB) beside the rank's shards plus the
-    largest single tensor, and a last row with per_rank_memory's figures."""
-    GB, an = 2**30, res["analytic"]["per_rank"]
-    out = ["| rank | DVPO load peak | its shards + largest tensor | DVPO step peak | PPO load peak | "
-           "its shards + largest tensor | PPO step peak |", "|---|---|---|---|---|---|---|"]
-    for r, ranks in enumerate(zip(res["dvpo"]["per_rank"], res["ppo"]["per_rank"])):
-        cells = [f"{x['load_peak'] / GB:.3f} | {(x['shards'] + x['largest_tensor']) / GB:.3f} | "
-                 f"{x['step_peak'] / GB:.3f}" for x in ranks]
-        out.append(f"| {r} | {' | '.join(cells)} |")
-    out.append("| analytic | " + " | ".join(f"{an[m]['load_rank0'] / GB:.3f} (rank 0), {an[m]['load_other'] / GB:.3f}"
-                                             f" | | {an[m]['peak'] / GB:.3f}" for m in ("dvpo", "ppo")) + " |")
-    return "\n".join(out)
-
-
-def projection_table() -> str:
-    """Markdown: per_rank_memory (GiB per GPU) of the LLAMA shapes at PAPER_RUN beside the paper's
-    Table 3: the update without and with activation checkpointing (AC), and with AC but gradients
-    reduce-scattered after every micro-batch (no unsharded gradient copy); peak = max(rollout, update)."""
-    GB, out = 2**30, ["| model | method | state | rollout | update | update, AC | update, AC, sync every micro-batch "
-                      "| peak, AC | peak, AC, sync every micro-batch | paper Table 3 |", "|---" * 10 + "|"]
-    for name, s in LLAMA.items():
-        for m in ("dvpo", "ppo"):
-            r, ac, sync = (per_rank_memory(m, s, checkpointing=c, **dict(PAPER_RUN, micro_steps=k))
-                           for c, k in ((False, 2), (True, 2), (True, 1)))
-            cells = (r["state"], r["rollout"], r["update"], ac["update"], sync["update"], ac["peak"], sync["peak"])
-            paper = PAPER.get(name, {}).get(m)
-            out.append(f"| {name} ({llama_params(s)[0] / 1e9:.2f}B) | {m.upper()} | "
-                       + " | ".join(f"{x / GB:.1f}" for x in cells) + f" | {f'{paper[0]} GB' if paper else ''} |")
-    return "\n".join(out)
-
-
 def main(cfg: Config) -> dict:
     if int(os.environ.get("RANK", 0)) > 0:
         return {}  # launched by torchrun: rank 0 relaunches torchrun for each measurement
-    if cfg.projection:
-        print(projection_table())
-        return {}
     nproc = int(os.environ.get("WORLD_SIZE", cfg.processes))
     if cfg.repeats < 1 or cfg.steps < 1:
         sys.exit("bench.py: --repeats and --steps must be >= 1")
@@ -469,14 +348,8 @@ def main(cfg: Config) -> dict:
     first = runs["dvpo"][0]
     n_pi, n_v = first["params"]["policy"], first["params"]["value"]
     res = {m: summarize(runs[m], mem[m]) for m in ("dvpo", "ppo")}
-    cuda, path = first["device"].startswith("cuda"), cfg.model or os.path.join(cfg.out_dir, f"model_{cfg.preset}")
     res["analytic"] = analytic(n_pi, n_v, cfg.batch_size * (cfg.prompt_len + cfg.response_len), cfg.ppo_epochs, nproc,
                                tu.frozen_dtype(cfg.frozen_dtype, torch.device(first["device"])).itemsize)
-    mb_rank, shape = cfg.minibatch_size // nproc, shape_of(AutoConfig.from_pretrained(path))
-    micro = min(cfg.micro_batch_size, mb_rank)
-    res["analytic"]["per_rank"] = {m: per_rank_memory(m, shape, nproc, micro, cfg.batch_size // nproc, cfg.prompt_len +
-                                                      cfg.response_len, cfg.response_len, cfg.gradient_checkpointing,
-                                                      cuda, mb_rank // micro) for m in ("dvpo", "ppo")}
     d, p = res["dvpo"], res["ppo"]
     res.update({"ratio/memory": d["peak_memory_bytes"] / p["peak_memory_bytes"],
                 "ratio/step_time": d["step_time_s"] / p["step_time_s"],
@@ -497,9 +370,8 @@ def main(cfg: Config) -> dict:
           f"{first['device']} × {nproc}, {cfg.threads} threads | medians of {cfg.repeats} repeats × {cfg.steps} "
           "steps\n")
     print(table(res))
-    print("\nper rank, net GiB (loading: peak vs. the rank's shards + its largest tensor):\n" + rank_table(res))
-    print(f"\nstep time DVPO/PPO per repeat: {', '.join(f'{x:.3f}' for x in res['ratio/step_time_per_repeat'])} -> "
-          f"{os.path.join(cfg.out_dir, 'bench.json')}")
+    print(f"\nstep time DVPO/PPO per repeat: {', '.join(f'{x:.3f}' for x in res['ratio/step_time_per_repeat'])}\n"
+          f"per rank, and the analytic per-rank model: python scripts/projection.py --bench {cfg.out_dir}/bench.json")
     return res
 
 
