@@ -4,28 +4,22 @@ loops (train_utils.rollout -> score -> update), no data, no evaluation, no savin
 
 What is measured (each method in fresh processes, so peaks never mix; --repeats R alternating which
 method goes first, medians reported):
-  1. Step = rollout (fixed length: EOS masked until response_len) -> score (frozen forwards once per
-     rollout and advantages; DVPO: old + ref + GVM, PPO: old + ref + RM + critic values) -> update
-     (E epochs × minibatches of policy fwd/bwd + AdamW; PPO: + critic fwd/bwd + its AdamW). Random
-     prompts; a random-init preset written to disk once, or --model; the value models (GVM / RM /
-     critic) are its backbone with a value head, loaded the way the scripts load them.
-  2. Memory per device. CPU: peak RSS (VmHWM) minus the RSS after imports, process group and
-     tokenizer ("net"); the loading peak and the steps' peak separately (VmHWM is reset after
-     loading). The peak comes from one extra short run per method with MALLOC_MMAP_THRESHOLD_=65536,
-     so that freed tensors leave the RSS; timed runs keep glibc's default (faster). CUDA:
-     max_memory_allocated. Under torchrun every rank reports; the table shows the busiest rank.
+  1. Step = rollout (fixed length: EOS masked until response_len) -> score (frozen forwards; DVPO:
+     old + ref + GVM, PPO: old + ref + RM + critic) -> update (E epochs × minibatches of policy
+     fwd/bwd + AdamW; PPO: + critic fwd/bwd + AdamW). Random prompts; a random-init preset written to
+     disk once, or --model; GVM / RM / critic are its backbone + a value head, loaded as the scripts do.
+  2. Memory per rank, loading and steps apart. CPU: peak RSS (VmHWM) minus the RSS after imports, process
+     group and tokenizer ("net"), of one extra run per method with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors
+     leave the RSS). CUDA: max_memory_allocated. Every rank also reports its shard bytes and largest tensor.
 Analytic model printed beside it (N_π policy and reference parameters, N_v GVM / RM / critic):
-  3. Bytes per parameter on one device: trained T = 4 w + 4 grad + 8 AdamW (m, v) = 16, frozen F = 4
-     (fp32; 2 in bf16), all /world under FSDP2. DVPO = T·N_π + F·(N_π + N_v); PPO = T·(N_π + N_v) +
-     F·(N_π + N_v); equal sizes: (T + 2F)/(2T + 2F) = 24/40 = 0.60 (activations left out).
+  3. State per rank: trained T = 4 w + 4 grad + 8 AdamW = 16 B, frozen F = 4 (bf16: 2), both /world
+     under FSDP2: DVPO = T·N_π + F·(N_π + N_v), PPO = T·(N_π + N_v) + F·(N_π + N_v); equal sizes:
+     (T + 2F)/(2T + 2F) = 0.60. Per phase, with activations: scripts/projection.py (per_rank_memory).
   4. FLOPs, D = B·(P + T) tokens: forward 2·N·D, forward+backward 6·N·D, generation 2·N_π·D.
      In forward units (equal sizes, E epochs): DVPO = 1 + 3 + 3E, PPO = 1 + 4 + 6E -> E = 4: 16/29.
-  5. Paper (Table 3, 8×A100): PPO-3B 41.43 GB 23 s vs DVPO-3B 27.50 GB 13 s (ZeRO-1);
-     PPO-8B 78.96 GB 70 s vs DVPO-8B 60.49 GB 48 s (ZeRO-3).
 
 Launch (docs/performance.md has the measured tables):
   python bench.py --preset 50m                          # CPU: ~50M-parameter Llama shapes, 4 models
-  python bench.py --preset tiny --repeats 1 --steps 1   # seconds
   python bench.py --preset 50m --processes 2            # FSDP2 under torchrun: per-rank figures
   torchrun --nproc_per_node 8 bench.py --preset 1b      # CUDA: rank 0 relaunches torchrun per measurement
 """
@@ -41,6 +35,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import dvpo
@@ -67,6 +62,7 @@ class Config:
     threads: int = 2  # torch threads in every measurement process
     processes: int = 1  # > 1: each measurement runs under torchrun --nproc_per_node <processes> (FSDP2)
     gradient_checkpointing: bool = False  # on the policy and the critic
+    frozen_dtype: str = "auto"  # reference, GVM, RM: auto = bfloat16 on CUDA, float32 on CPU (as the scripts)
     out_dir: str = "out/bench"  # bench.json, and one JSON per measurement process
     result: str = ""  # --method dvpo|ppo: where to write this measurement's JSON (set by the parent)
     seed: int = 0
@@ -123,9 +119,9 @@ def step_flops(method: str, n_policy: int, n_value: int, tokens: int, ppo_epochs
             "update": ppo_epochs * 6 * tokens * (n_policy + (n_value if ppo else 0))}
 
 
-def analytic(n_policy: int, n_value: int, tokens: int, ppo_epochs: int, world: int) -> dict:
+def analytic(n_policy: int, n_value: int, tokens: int, ppo_epochs: int, world: int, frozen_bytes: float = 4) -> dict:
     """The analytic DVPO/PPO ratios: memory from model_memory, time floors from step_flops."""
-    T, F = bytes_per_param(world)
+    T, F = bytes_per_param(world, frozen_bytes)
     mem = {m: model_memory(m, n_policy, n_value, T, F) for m in ("dvpo", "ppo")}
     fl = {m: step_flops(m, n_policy, n_value, tokens, ppo_epochs) for m in ("dvpo", "ppo")}
     no_gen = {m: fl[m]["score"] + fl[m]["update"] for m in fl}
@@ -150,17 +146,16 @@ def write_preset(cfg: Config) -> str:
     return path
 
 
-def load_models(path: str, method: str, gradient_checkpointing: bool, device) -> dict:
+def load_models(path: str, method: str, gradient_checkpointing: bool, device, frozen_dtype: torch.dtype) -> dict:
     """policy (trained), ref (frozen) and, per method, gvm (frozen) or rm (frozen) + critic (trained)."""
-    models = {"policy": tu.load_policy(path)[0], "ref": tu.load_policy(path)[0]}
+    models = {"policy": tu.load_policy(path, device)[0],
+              "ref": tu.load_policy(path, device, dtype=frozen_dtype, frozen=True)[0]}
     for name in (("gvm",) if method == "dvpo" else ("rm", "critic")):
-        models[name] = tu.new_value_model(path)
-    for name, m in models.items():
-        if name in ("ref", "gvm", "rm"):
-            m.requires_grad_(False).eval()
-        elif gradient_checkpointing:
+        models[name] = (tu.new_value_model(path, device) if name == "critic" else
+                        tu.new_value_model(path, device, dtype=frozen_dtype, frozen=True))
+    for name, m in models.items():  # the trained ones in train mode, as the scripts set them (HF checkpoints only then)
+        if m.train(name in ("policy", "critic")).training and gradient_checkpointing:
             (m.backbone if name == "critic" else m).gradient_checkpointing_enable()
-        models[name] = fu.shard(m, device).train(name in ("policy", "critic"))
     return models
 
 
@@ -216,8 +211,9 @@ def measure(cfg: Config) -> dict:
     with torch.device("meta"):  # import the model's Python code now (~120 MB for Llama): that is not model memory
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
     base = fu.current_memory(device)  # after imports, process group and tokenizer; before any model exists
-
-    models = load_models(path, cfg.method, cfg.gradient_checkpointing, device)
+    fu.reset_peak_memory(device)  # from here on: the loading peak
+    models = load_models(path, cfg.method, cfg.gradient_checkpointing, device,
+                         tu.frozen_dtype(cfg.frozen_dtype, device))
     opts = {n: torch.optim.AdamW(models[n].parameters(), lr=algo.lr, weight_decay=0.0)
             for n in ("policy", "critic") if n in models}
     loaded, load_peak = fu.current_memory(device), fu.peak_memory(device)
@@ -229,12 +225,16 @@ def measure(cfg: Config) -> dict:
         steps += [ph] if step >= cfg.warmup else []
         fu.print0(f"{cfg.method} step {step + 1}/{cfg.warmup + cfg.steps}{' (warmup)' if step < cfg.warmup else ''}: "
                   f"{ph['total']:.2f} s | " + " | ".join(f"{k} {ph[k]:.2f}" for k in PHASES))
-    per_rank = fu.all_gather_object([fu.peak_memory(device) - base, load_peak - base, loaded - base, base])
-    busiest = max(range(world), key=lambda r: per_rank[r][0])
+    tensors = [t for m in models.values() for t in [*m.parameters(), *m.buffers()]]  # this rank's shards, the largest
+    shards = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)  # tensor (its load transient)
+    per_rank = fu.all_gather_object({"step_peak": fu.peak_memory(device) - base, "load_peak": load_peak - base,
+                                     "loaded": loaded - base, "base": base, "shards": shards,
+                                     "largest_tensor": max(t.numel() * t.element_size() for t in tensors)})
     result = {"method": cfg.method, "device": str(device), "world": world, "threads": cfg.threads,
               "params": {"policy": n_params(models["policy"]), "value": n_params(models.get("gvm", models.get("rm")))},
-              "peak_memory_bytes": per_rank[busiest][0], "load_peak_bytes": max(r[1] for r in per_rank),
-              "models_bytes": per_rank[busiest][2], "per_rank": per_rank,  # step peak, load peak, loaded, base
+              "peak_memory_bytes": max(r["step_peak"] for r in per_rank),
+              "load_peak_bytes": max(r["load_peak"] for r in per_rank),
+              "models_bytes": max(r["loaded"] for r in per_rank), "per_rank": per_rank,
               "step_times_s": [s["total"] for s in steps], "step_cpu_s": [s["cpu_total"] for s in steps],
               "phases": steps}
     fu.print0(f"{cfg.method}: step peak {result['peak_memory_bytes'] / 2**30:.3f} GiB net per rank, load peak "
@@ -348,7 +348,8 @@ def main(cfg: Config) -> dict:
     first = runs["dvpo"][0]
     n_pi, n_v = first["params"]["policy"], first["params"]["value"]
     res = {m: summarize(runs[m], mem[m]) for m in ("dvpo", "ppo")}
-    res["analytic"] = analytic(n_pi, n_v, cfg.batch_size * (cfg.prompt_len + cfg.response_len), cfg.ppo_epochs, nproc)
+    res["analytic"] = analytic(n_pi, n_v, cfg.batch_size * (cfg.prompt_len + cfg.response_len), cfg.ppo_epochs, nproc,
+                               tu.frozen_dtype(cfg.frozen_dtype, torch.device(first["device"])).itemsize)
     d, p = res["dvpo"], res["ppo"]
     res.update({"ratio/memory": d["peak_memory_bytes"] / p["peak_memory_bytes"],
                 "ratio/step_time": d["step_time_s"] / p["step_time_s"],
@@ -369,11 +370,8 @@ def main(cfg: Config) -> dict:
           f"{first['device']} × {nproc}, {cfg.threads} threads | medians of {cfg.repeats} repeats × {cfg.steps} "
           "steps\n")
     print(table(res))
-    print(f"\nmeasured DVPO/PPO: memory {res['ratio/memory']:.3f} (analytic {res['analytic/memory_ratio']:.3f}), "
-          f"step time {res['ratio/step_time']:.3f} (per repeat "
-          f"{', '.join(f'{x:.3f}' for x in res['ratio/step_time_per_repeat'])}; "
-          f"analytic {res['analytic/time_ratio']:.3f})"
-          f" -> {os.path.join(cfg.out_dir, 'bench.json')}")
+    print(f"\nstep time DVPO/PPO per repeat: {', '.join(f'{x:.3f}' for x in res['ratio/step_time_per_repeat'])}\n"
+          f"per rank, and the analytic per-rank model: python scripts/projection.py --bench {cfg.out_dir}/bench.json")
     return res
 
 

@@ -70,6 +70,7 @@ class Config:
     max_new_tokens: int = 16  # use 512-1024 for real models
     max_prompt_len: int = 512
     gradient_checkpointing: bool = False
+    frozen_dtype: str = "auto"  # reference and GVM: auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16
     eval_prompts: int = 1024  # held-out prompts for the before/after evaluation (0 = none)
     eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
     save_every: int = 20  # steps between checkpoints (0 = only at the end); docs/checkpoints.md
@@ -229,6 +230,7 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
                 g["lr"] = tu.lr_at(opt_step, total, cfg.warmup_steps, cfg.lr)
             opt.zero_grad(set_to_none=True)
             for mi in range(0, mb_rank, micro):
+                fu.grad_sync(policy, mi + micro >= mb_rank)  # FSDP: reduce-scatter after the last micro-batch only
                 i = mb_idx[mi:mi + micro].to(mask.device)
                 sub = {k: batch[k][i] for k in BATCH_KEYS}
                 logp, entropy = data.response_logprobs(policy, sub, T, cfg.temperature)
@@ -241,6 +243,7 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
             tu.check_finite(stats["grad_norm"][-1], "gradient norm (policy loss)", step + 1)  # all-reduced
             opt.step()
             opt_step += 1
+    opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout and frozen forwards
     return {k: sum(v) / len(v) for k, v in stats.items()}, opt_step
 
 
@@ -260,17 +263,17 @@ def main(cfg: Config):
     resume = checkpoint.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "dvpo.py")  # recovers the newest complete one
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
-    # models: trained policy, frozen reference (the initial policy), frozen GVM — all sharded alike
-    policy, tok = tu.load_policy(ckpt if resume else cfg.model)
-    ref, _ = tu.load_policy(cfg.model)
-    gvm, _, gcfg = tu.load_value_model(cfg.gvm, "gvm_config.json", "train a GVM with `python gvm.py`")
+    # models: trained policy (fp32 master), frozen reference (the initial policy) and GVM in frozen_dtype;
+    # all sharded alike under torchrun, each rank loading only its shards
+    frozen_dtype = tu.frozen_dtype(cfg.frozen_dtype, device)
+    policy, tok = tu.load_policy(ckpt if resume else cfg.model, device)
+    ref, _ = tu.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
+    gvm, _, gcfg = tu.load_value_model(cfg.gvm, "gvm_config.json", "train a GVM with `python gvm.py`", device,
+                                       dtype=frozen_dtype, frozen=True)
     tau_k = gcfg.get("tau_k", 0) if cfg.tau_k < 0 else cfg.tau_k
     scale = tu.value_scale(gcfg, cfg.normalize_reward, cfg.gvm)  # in `paper` mode BN(w / s) = BN(w): no change
-    for frozen in (ref, gvm):
-        frozen.requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    policy, ref, gvm = (fu.shard(m, device) for m in (policy, ref, gvm))
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 

@@ -6,6 +6,9 @@ operation) when the process group is not initialized, so `python x.py` and
   1. setup(): init from the torchrun environment (nccl on CUDA, gloo on CPU), pick the device.
   2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
      fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
+     Sharded loading (on_device, torchtitan's pattern): a model built on the meta device is sharded
+     first, then only this rank's shards are allocated and filled from rank 0's full copy, tensor by
+     tensor.
   3. full_state_dict / load_full_state_dict: a full state dict on rank 0 (a collective: every rank
      calls it), and back into the shards; checkpoint.py writes it to disk.
   4. all_reduce_sum / reduce_metrics / all_gather_object / print0 / peak memory.
@@ -22,6 +25,7 @@ import resource
 import torch
 import torch.distributed as dist
 import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -76,14 +80,19 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None) -> torch.nn.Module:
-    """Move to device; under torchrun apply FSDP2: fully_shard(block) for each decoder block, then
-    fully_shard(root). mixed_precision (default: on for CUDA) computes in bf16 and reduces
-    gradients in fp32; the sharded master weights stay fp32."""
-    model.to(device)
+def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None,
+          full: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Under torchrun apply FSDP2: fully_shard(block) for each decoder block, then fully_shard(root);
+    one process: just move to device. mixed_precision (default: on for CUDA) computes in bf16 and
+    reduces gradients in fp32; the sharded weights keep the model's dtype (fp32 master weights).
+    Sharded loading: when `model` was built on the meta device (it holds no memory), only this
+    rank's shards are allocated (to_empty) and filled from `full`, the loaded model on rank 0's CPU
+    (None on the other ranks; see load_from_rank0)."""
     if not is_dist():
-        return model
-
+        return model.to(device)
+    meta = any(p.is_meta for p in model.parameters())
+    if not meta:
+        model.to(device)
     if mixed_precision is None:
         mixed_precision = device.type == "cuda"
     mesh = init_device_mesh(device.type, (world(),))
@@ -92,7 +101,64 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | 
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    if meta:
+        model.to_empty(device=device)  # this rank's shards (and the small buffers), uninitialised
+        load_from_rank0(model, full)
     return model
+
+
+@torch.no_grad()
+def load_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None):
+    """Fill a sharded model from `full` (rank 0: the loaded model on its CPU; other ranks: None).
+    set_model_state_dict broadcasts one tensor at a time, and each rank keeps only its slice: no
+    rank but 0 ever holds more than its shards plus one full tensor, and no device holds an
+    unsharded model. Buffers go separately: non-persistent ones (rotary inv_freq) are not in the
+    state dict, and to_empty left them uninitialised."""
+    load_full_state_dict(model, full.state_dict() if rank() == 0 else {})
+    src = dict(full.named_buffers()) if rank() == 0 else {}
+    for name, buf in model.named_buffers():
+        if rank() == 0:
+            buf.copy_(src[name])
+        dist.broadcast(buf, src=0)
+
+
+def on_device(load, device, frozen: bool = False):
+    """The one way a script gets a model: `load(meta)` builds it — on the CPU with its weights
+    (meta=False), or the same modules on the meta device, no memory (meta=True). One process:
+    load(False) moved to `device`. Under torchrun (sharded loading): rank 0 calls load(False), every
+    rank shards load(True), and rank 0's weights are broadcast into the shards (shard, load_from_rank0):
+    no rank but 0 ever holds the full model. frozen: no gradients, eval mode."""
+    full = load(False) if rank() == 0 else None
+    model = full
+    if is_dist():
+        with torch.device("meta"):
+            model = load(True)
+    if frozen:
+        model.requires_grad_(False).eval()
+    return shard(model, device, full=full)
+
+
+def hf_model(path: str, dtype: torch.dtype, meta: bool, cls=AutoModelForCausalLM):
+    """The HF model at `path` in `dtype`: loaded (from_pretrained), or, on the meta device, the same
+    modules built from its config, with the generation settings from_pretrained would read."""
+    if not meta:
+        return cls.from_pretrained(path, dtype=dtype)
+    model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: from_pretrained keeps the default from the config too
+            pass
+    return model
+
+
+def grad_sync(model: torch.nn.Module, on: bool):
+    """FSDP2 gradient accumulation: with on=False the next backward keeps its gradients unsharded
+    on this rank (no reduce-scatter), the final micro-batch (on=True) reduce-scatters the sum. Saves
+    (micro-batches - 1) reduce-scatters per optimizer step, and costs the trained model's unsharded
+    gradients (fp32 under mixed precision) on every rank meanwhile. No-op on one process."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(on)
 
 
 def fsdp_modules(model: torch.nn.Module) -> list:

@@ -354,13 +354,12 @@ def main(cfg: Config):
                 sys.exit(f"gvm.py: policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
 
     # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
-    model = tu.new_value_model(cfg.model)
+    model = tu.new_value_model(cfg.model, device)
     prompt_max = max(len(e["prompt"]) for e in train + held)
     response_max = max(len(e[k]) for e in train + held for k in e if k in ("chosen", "rejected", "response"))
     tau_item = min(cfg.tau_prompt_len, prompt_max) + min(cfg.tau_response_len, response_max)  # its longest
     data.check_context(prompt_max + response_max + cfg.tau_k * tau_item, model.backbone.config,
                        "τ + prompt + response")
-    model = fu.shard(model, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = len(train) // cfg.batch_size

@@ -82,6 +82,7 @@ class Config:
     top_p: float = 1.0
     max_new_tokens: int = 16
     gradient_checkpointing: bool = False
+    frozen_dtype: str = "auto"  # reference and reward model (dvpo.py: reference and GVM)
     eval_prompts: int = 1024
     eval_reward: str = ""
     save_every: int = 20
@@ -117,9 +118,10 @@ def value_loss_clipped(values, old_values, returns, mask, clip: float, n_tokens:
 # ----------------------------------------------------------------------------------------------
 # Stage rm: Bradley-Terry reward model on the GVM's pairs
 
-def load_reward_model(path: str):
-    """(value model, tokenizer, rm_config) of a trained reward model folder."""
-    return tu.load_value_model(path, RM_CONFIG, "train one with `python ppo_baseline.py --stage rm`")
+def load_reward_model(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
+    """(value model, tokenizer, rm_config) of a trained reward model folder (see tu.load_value_model)."""
+    return tu.load_value_model(path, RM_CONFIG, "train one with `python ppo_baseline.py --stage rm`", device, dtype,
+                               frozen)
 
 
 def load_pairs(cfg: Config):
@@ -160,7 +162,7 @@ def train_rm(cfg: Config, device) -> str:
     train, held = load_pairs(cfg)
     trunc = data.TruncationStats()
     fu.print0(f"reward model: {len(train)} training pairs, {len(held)} held out")
-    model = fu.shard(tu.new_value_model(cfg.model), device)
+    model = tu.new_value_model(cfg.model, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
     per_epoch = len(train) // cfg.rm_batch_size
     if per_epoch == 0:
@@ -270,6 +272,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
             opt.zero_grad(set_to_none=True)
             critic_opt.zero_grad(set_to_none=True)
             for mi in range(0, mb_rank, micro):
+                for m in (policy, critic):  # FSDP: reduce-scatter after the last micro-batch only
+                    fu.grad_sync(m, mi + micro >= mb_rank)
                 i = mb_idx[mi:mi + micro].to(mask.device)
                 sub = {k: batch[k][i] for k in BATCH_KEYS}
                 logp, entropy = data.response_logprobs(policy, sub, T, cfg.temperature)
@@ -290,6 +294,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
             opt.step()
             critic_opt.step()
             opt_step += 1
+    for o in (opt, critic_opt):  # no gradients held through the next rollout and frozen forwards
+        o.zero_grad(set_to_none=True)
     return {k: sum(v) / len(v) for k, v in stats.items()}, opt_step
 
 
@@ -320,21 +326,20 @@ def main(cfg: Config):
         rm_path = os.path.join(cfg.out_dir, "rm")
     metrics_path = tu.start_metrics(cfg.out_dir, cfg, keep=resume)
 
-    # models: trained policy and critic (PPO only: the critic), frozen reference and reward model
-    policy, tok = tu.load_policy(ckpt if resume else cfg.model)
-    ref, _ = tu.load_policy(cfg.model)
-    rm, _, rm_config = load_reward_model(rm_path)
-    critic, _, _ = (tu.load_value_model(os.path.join(ckpt, "critic"), CRITIC_CONFIG, "a broken checkpoint") if resume
-                    else load_reward_model(rm_path))  # PPO only: the critic starts as the reward model
+    # models: trained policy and critic (PPO only: the critic; fp32 master), frozen reference and reward model
+    # in frozen_dtype; all sharded alike under torchrun, each rank loading only its shards
+    frozen_dtype = tu.frozen_dtype(cfg.frozen_dtype, device)
+    policy, tok = tu.load_policy(ckpt if resume else cfg.model, device)
+    ref, _ = tu.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
+    rm, _, rm_config = load_reward_model(rm_path, device, dtype=frozen_dtype, frozen=True)
+    critic, _, _ = (tu.load_value_model(os.path.join(ckpt, "critic"), CRITIC_CONFIG, "a broken checkpoint", device)
+                    if resume else load_reward_model(rm_path, device))  # PPO only: the critic starts as the RM
     scale = tu.value_scale(rm_config, cfg.normalize_reward, rm_path)
     if not resume:
-        init_critic(critic, scale)
-    for frozen in (ref, rm):
-        frozen.requires_grad_(False).eval()
+        init_critic(critic, scale)  # on the sharded critic: an elementwise op on this rank's shards
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         critic.backbone.gradient_checkpointing_enable()
-    policy, ref, rm, critic = (fu.shard(m, device) for m in (policy, ref, rm, critic))
     policy.train()
     critic.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)

@@ -63,7 +63,7 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.T
 def main(cfg: Config):
     device = fu.setup(cfg.device)
     tu.seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, tok = tu.load_policy(cfg.model, cfg.seed)
+    model, tok = tu.load_policy(cfg.model, device, cfg.seed)  # sharded under torchrun
     builtin = not cfg.data
     reward_fn = tu.load_reward_fn(cfg.eval_reward, builtin)
 
@@ -88,7 +88,6 @@ def main(cfg: Config):
                  "at least one (lower --eval_size, or use fewer processes)")
     data.check_context(max(len(p) + len(r) for p, r in train + held), model.config, "prompt + response")
 
-    model = fu.shard(model, device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics_path = tu.start_metrics(cfg.out_dir, cfg)

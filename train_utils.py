@@ -5,6 +5,8 @@ training script needs around the algorithm, written once:
   1. Models in and out: load_policy (a hub id, a local path, or the built-in tiny Llama) and
      ValueModel, a causal-LM backbone + a linear value head — the GVM, the reward model and the
      critic all have this shape — with load_value_model (checkpoint.save_value_model writes one).
+     Every loader returns the model on its device, sharded under torchrun (fsdp_utils.on_device: rank 0 reads,
+     the others get shards).
   2. Data and rollouts: load_rows / load_value_rows (preference or scored rows, a held-out split),
      load_prompts (the built-in task or a file, with a held-out split),
      rollout (one sampled response per prompt, in the layout every loss reads), frozen_logprobs.
@@ -46,13 +48,24 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_policy(path: str, seed: int = 0):
-    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty.
-    Weights in fp32: the trained copy is the fp32 master (bf16 compute comes from FSDP's policy)."""
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--frozen_dtype: the dtype of the frozen models (reference, GVM, reward model). auto = bfloat16
+    on CUDA (half the memory; their forwards compute in bf16 anyway) and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise data.DataError(f"--frozen_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
+def load_policy(path: str, device="cpu", seed: int = 0, dtype=torch.float32, frozen: bool = False):
+    """(model, tokenizer) from a hub id / local path, or the built-in tiny model if path is empty,
+    on `device`, sharded under torchrun. Trained: fp32, the master weights (bf16 compute comes from
+    FSDP's policy); frozen (the reference): dtype (see frozen_dtype)."""
     if not path:
         tok = task.build_char_tokenizer()
-        return task.build_tiny_model(tok, seed=seed), tok
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), load_tokenizer(path)
+        return fu.on_device(lambda meta: task.build_tiny_model(tok, seed=seed).to(dtype), device, frozen), tok
+    return fu.on_device(lambda meta: fu.hf_model(path, dtype, meta), device, frozen), load_tokenizer(path)
 
 
 class ValueModel(nn.Module):
@@ -72,23 +85,30 @@ class ValueModel(nn.Module):
         return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
 
 
-def new_value_model(path: str) -> ValueModel:
-    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero."""
-    return ValueModel(AutoModel.from_pretrained(path, dtype=torch.float32))
+def new_value_model(path: str, device="cpu", dtype=torch.float32, frozen: bool = False) -> ValueModel:
+    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero,
+    on `device`, sharded under torchrun; trained: fp32 (frozen: in dtype, as load_value_model)."""
+    return fu.on_device(lambda meta: ValueModel(fu.hf_model(path, dtype, meta, AutoModel)).to(dtype), device, frozen)
 
 
-def load_value_model(path: str, config_name: str, hint: str, dtype=torch.float32):
+def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype=torch.float32,
+                     frozen: bool = False):
     """(model, tokenizer, config) from a folder written by save_value_model: the backbone in HF
     format, value_head.safetensors and a JSON config named config_name (gvm_config.json,
-    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong."""
+    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong.
+    On `device`, sharded under torchrun; frozen (GVM, reward model): no gradients, in dtype."""
     for name in ("config.json", "value_head.safetensors", config_name):
         if not os.path.exists(os.path.join(path, name)):
             raise FileNotFoundError(f"{path}: missing {name}; {hint}")
-    model = ValueModel(AutoModel.from_pretrained(path, dtype=dtype))
-    model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+
+    def load(meta):
+        model = ValueModel(fu.hf_model(path, dtype, meta, AutoModel))
+        if not meta:
+            model.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+        return model.to(dtype)
     with open(os.path.join(path, config_name)) as f:
         config = json.load(f)
-    return model.to(dtype), load_tokenizer(path), config
+    return fu.on_device(load, device, frozen), load_tokenizer(path), config
 
 
 def value_scale(config: dict, normalize: bool, path: str) -> float:
@@ -141,8 +161,9 @@ def load_value_rows(cfg, tok, device, script: str) -> tuple[str, list, list]:
         sys.exit(f"{script}: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
     if not cfg.data:
         kind = "preference"
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
-        rows = task.builtin_pair_splits(  # sampled on rank 0, broadcast to the others
+        # sampled on rank 0 only: no other rank loads the policy
+        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval() if fu.rank() == 0 else None
+        rows = task.builtin_pair_splits(  # then broadcast to the others
             policy, tok, cfg.builtin_samplers.split(","), cfg.builtin_prompts, cfg.builtin_eval_prompts,
             cfg.bt_temperature, lambda i: seed_for(cfg.seed, "pairs/prompts", i),
             lambda i, split: seed_for(cfg.seed, "pairs", i, split), device) if fu.rank() == 0 else None

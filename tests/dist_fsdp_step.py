@@ -6,6 +6,7 @@ mean (sft.sft_loss with the all-reduced token count, as in sft.py).
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py OUT
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --reuse     # load one full state dict twice
   torchrun --nproc_per_node 2 tests/dist_fsdp_step.py --bn        # masked BN, one row per rank
+  [torchrun --nproc_per_node 2] tests/dist_fsdp_step.py --load OUT MODEL VALUE_MODEL   # sharded loading
 
 Writes OUT/model (checkpoint.save_hf), OUT/grads.safetensors and OUT/result.json (rank 0).
 Checks that only make sense inside the run (reload, load_full_state_dict, gathered) are asserted
@@ -19,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 import checkpoint  # noqa: E402
 import data  # noqa: E402
@@ -155,5 +157,79 @@ def batch_norm_one_row_per_rank():
     fu.cleanup()
 
 
+def sharded_loading(out: str, path: str, value_path: str):
+    """Every loader of train_utils on 1 or 2 processes: the gathered weights equal the files bit for
+    bit (tied embeddings still tied, rotary buffers recomputed), only rank 0 ever builds a loaded
+    model, and one optimizer step's loss and gradients (two micro-batches, gradient sync off on the
+    first) go to OUT for test_fsdp.py to compare across process counts."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    import train_utils as tu
+    device = fu.setup("cpu")
+    builds = []
+    policy = fu.on_device(lambda meta: builds.append(meta) or fu.hf_model(path, torch.float32, meta), device)
+    assert builds == ([False, True] if fu.rank() == 0 and fu.is_dist() else [True] if fu.is_dist() else [False])
+    ref, _ = tu.load_policy(path, device, dtype=torch.bfloat16, frozen=True)
+    value, _, _ = tu.load_value_model(value_path, "value_config.json", "", device)
+    fresh = tu.new_value_model(path, device)
+    hf = AutoModelForCausalLM.from_pretrained(path)  # the references: every rank may hold them in a test
+    hf_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    hf_value = tu.ValueModel(AutoModel.from_pretrained(value_path))
+    hf_value.value_head.load_state_dict(load_file(os.path.join(value_path, "value_head.safetensors")))
+    hf_fresh = tu.ValueModel(AutoModel.from_pretrained(path))
+    for name, model, expect in (("policy", policy, hf), ("ref", ref, hf_bf16), ("value", value, hf_value),
+                                ("fresh", fresh, hf_fresh)):
+        got, want = fu.full_state_dict(model), expect.state_dict()  # a collective; rank 0 compares
+        if fu.rank() == 0:
+            assert set(got) == set(want), (name, set(got) ^ set(want))
+            bad = [k for k in got if got[k].dtype != want[k].dtype or not torch.equal(got[k], want[k])]
+            assert not bad, (name, bad[:3])
+        want = dict(expect.named_buffers())  # rotary inv_freq: not in the state dict, garbage after to_empty
+        assert all(torch.equal(b, want[k]) and b.dtype == want[k].dtype for k, b in model.named_buffers()), name
+    assert hf_fresh.value_head.weight.abs().sum() == 0 and hf_value.value_head.weight.abs().sum() > 0
+    tied = hf.config.tie_word_embeddings
+    assert (policy.lm_head.weight is policy.model.embed_tokens.weight) == tied
+    assert not any(p.requires_grad for p in ref.parameters()) and not ref.training
+
+    # one step: each rank its strided half of a fixed batch, two micro-batches, global token mean
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, hf.config.vocab_size, (8, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "prompt_len": torch.full((8,), 4),
+             "response_len": torch.randint(1, 9, (8,), generator=g)}
+    mine = {k: v[fu.rank()::fu.world()] for k, v in batch.items()}
+    mask = data.response_mask(mine["response_len"], 8)
+    target = torch.randn(8, 12, generator=g)[fu.rank()::fu.world()]
+    n_tokens = fu.all_reduce_sum(mask.sum()).item()
+    result = {"world": fu.world(), "tied": tied}
+    grads = {}
+    for name, model in (("policy", policy), ("value", value)):
+        loss_sum = 0.0
+        half = len(mask) // 2
+        for i, part in enumerate((slice(0, half), slice(half, None))):  # two micro-batches: sync after the second
+            fu.grad_sync(model, i == 1)
+            sub = {k: v[part] for k, v in mine.items()}
+            if name == "policy":
+                logp, _ = data.response_logprobs(model, sub, 8)
+                loss = -(logp * mask[part]).sum() * fu.world() / n_tokens
+            else:
+                u = model(sub["input_ids"], sub["attention_mask"])
+                loss = ((u - target[part]) ** 2).sum() * fu.world() / ids.numel()
+            loss.backward()
+            loss_sum += loss.item()
+        result[name + "_loss"] = fu.reduce_metrics({"l": loss_sum / fu.world()}, device)["l"] * fu.world()
+        grads.update({f"{name}.{n}": (p.grad.full_tensor() if is_dtensor(p.grad) else p.grad).detach().clone()
+                      for n, p in model.named_parameters()})
+    if fu.rank() == 0:
+        from safetensors.torch import save_file
+        os.makedirs(out, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in grads.items()}, os.path.join(out, "grads.safetensors"))
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    fu.cleanup()
+
+
 if __name__ == "__main__":
-    {"--reuse": reuse_state_dict, "--bn": batch_norm_one_row_per_rank}.get(sys.argv[1], lambda: main(sys.argv[1]))()
+    if sys.argv[1] == "--load":
+        sharded_loading(*sys.argv[2:5])
+    else:
+        {"--reuse": reuse_state_dict, "--bn": batch_norm_one_row_per_rank}.get(sys.argv[1], lambda: main(sys.argv[1]))()

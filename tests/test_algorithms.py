@@ -224,7 +224,7 @@ def test_ppo_baseline_shares_dvpo_hyperparameter_defaults():
     from dataclasses import fields
     d, p = dvpo.Config(), ppo_baseline.Config()
     shared = {f.name for f in fields(d)} & {f.name for f in fields(p)} - {"out_dir"}
-    assert {"kl_beta", "lr", "clip_eps", "ppo_epochs", "batch_size", "steps", "lam"} <= shared
+    assert {"kl_beta", "lr", "clip_eps", "ppo_epochs", "batch_size", "steps", "lam", "frozen_dtype"} <= shared
     diff = {n: (getattr(d, n), getattr(p, n)) for n in shared if getattr(d, n) != getattr(p, n)}
     assert not diff, diff
 

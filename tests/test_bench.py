@@ -12,6 +12,8 @@ import torch.distributed as dist
 import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import projection  # noqa: E402
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = ["--preset", "tiny", "--repeats", "1", "--warmup", "1", "--steps", "1", "--batch_size", "4",
@@ -50,6 +52,56 @@ def test_step_flops_hand_values():
     assert bench.step_flops("ppo", 1, 1, 1, 4) == {"generation": 2, "score": 8, "update": 48}
     f = bench.step_flops("ppo", 10, 3, 7, 2)  # unequal sizes: 2·D·(2Nπ + 2Nv), E·6·(Nπ + Nv)·D
     assert f == {"generation": 140, "score": 2 * 7 * 26, "update": 2 * 6 * 13 * 7}
+
+
+TOY = dict(hidden=4, inter=8, layers=2, kv=2, vocab=10, tied=False)
+
+
+def test_llama_params_hand_values_and_hf_counts():
+    # block 2·16 + 2·4·2 + 3·4·8 + 2·4 = 152; backbone 2·152 + 10·4 + 4 = 348; + LM head 40; value head 5
+    assert projection.llama_params(TOY) == (388, 353, 152)
+    assert projection.llama_params(dict(TOY, tied=True))[0] == 348
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    for name, s in projection.LLAMA.items():  # the formula counts what HF builds, exactly
+        cfg = LlamaConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
+                          num_attention_heads=s["hidden"] // 128, num_key_value_heads=s["kv"] // 128,
+                          vocab_size=s["vocab"], tie_word_embeddings=s["tied"])
+        assert projection.shape_of(cfg) == s
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        n_pi, n_v, _ = projection.llama_params(s)
+        assert sum(p.numel() for p in model.parameters()) == n_pi, name
+        assert sum(p.numel() for p in model.model.parameters()) + s["hidden"] + 1 == n_v, name
+
+
+def test_activation_bytes_hand_values():
+    # per token and block 9·4 + 2·2 + 4·8 = 72 values; 2 blocks; logits per sequence 10·(3·(2 + 4) + 3·4·2)
+    assert projection.activation_bytes(TOY, 2, 3, 2, False, 2) == 2 * (3 * 144 * 2 + 10 * 42)
+    # with checkpointing: the blocks' inputs + 1 block
+    assert projection.activation_bytes(TOY, 2, 3, 2, True, 2) == 2 * (3 * (2 * 4 + 72) * 2 + 10 * 42)
+    assert projection.activation_bytes(TOY, 2, 3, 2, False, 4) == 2 * (3 * 144 * 4 + 10 * 36)  # fp32: no extra copy
+
+
+def test_per_rank_memory_hand_values():
+    # world 2, CUDA (2-byte params, activations, frozen), micro 2 of 3 tokens, rollout 4, two micro-batches
+    d = projection.per_rank_memory("dvpo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2)
+    assert d["state"] == 8 * 388 + 1 * (388 + 353)  # 16/2 per trained, 2/2 per frozen parameter
+    assert d["rollout"] == 3845 - 4 * 388 / 2 + 2 * 388 + 4 * 3 * 2 * 2 * 2 * 2  # - grads + gathered policy + KV
+    # + gathered blocks and root, unsharded fp32 grads, activations in place of the policy's sharded grads
+    assert d["update"] == d["peak"] == 3845 + 2 * (2 * 152 + 84) + 4 * 388 + (2568 - 4 * 388 / 2)
+    assert (d["load_rank0"], d["load_other"]) == ((4 * 388 + 2 * 741) / 2 + 4 * 388, 1517 + 40 * 4)
+    p = projection.per_rank_memory("ppo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2)
+    assert (p["state"], p["rollout"]) == (6669, 6669 - 4 * 741 / 2 + 968)
+    assert p["update"] == 6669 + 776 + 4 * 741 + (2568 - 4 * 353 / 2)  # the critic is trained last
+    assert p["load_rank0"] == (4 * 741 + 2 * 741) / 2 + 4 * 388
+    one = projection.per_rank_memory("dvpo", TOY, 1, 2, 4, 3, 2, cuda=False, micro_steps=2)  # CPU, no sharding
+    assert one["state"] == 16 * 388 + 4 * 741 and one["rollout"] == 9172 - 4 * 388 + 4 * 3 * 2 * 2 * 2 * 4
+    assert one["update"] == one["peak"] == 9172 + 4176 - 4 * 388  # nothing gathered, no unsharded gradients
+    assert one["load_rank0"] == one["load_other"] == 4 * 388 + 4 * 741
+    small = projection.per_rank_memory("dvpo", TOY, 1, 1, 1, 1, 1, cuda=False)  # activations below the gradients
+    assert small["update"] == small["peak"] == small["state"]
+    assert "| 8B (8.03B) | DVPO |" in projection.projection_table() and "60.49 GB" in projection.projection_table()
 
 
 @pytest.mark.parametrize("E, with_gen, without_gen", [(4, 16 / 29, 15 / 28), (1, 7 / 11, 6 / 10), (2, 10 / 17, 9 / 16)])
@@ -104,7 +156,9 @@ def test_bench_smoke_tiny(tmp_path):
     res, stdout = run_bench(tmp_path)
     check_result(res, stdout)
     assert res["nproc"] == 1
-    assert res["dvpo"]["per_rank"][0][3] > 0  # the baseline RSS the net figures subtract
+    assert res["dvpo"]["per_rank"][0]["base"] > 0  # the baseline RSS the net figures subtract
+    rows = projection.bench_table(res).splitlines()  # scripts/projection.py --bench: per rank, then per_rank_memory
+    assert rows[2].startswith("| 0 | ") and rows[3].startswith("| analytic | ")
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
@@ -120,3 +174,5 @@ def test_bench_one_measurement_torchrun_two_ranks(tmp_path):
     r = json.load(open(path))
     assert r["world"] == 2 and r["method"] == "ppo" and r["peak_memory_bytes"] > 0 and r["models_bytes"] > 0
     assert r["step_times_s"][0] > 0 and r["phases"][0]["update"] > 0 and len(r["per_rank"]) == 2
+    for x in r["per_rank"]:  # every rank holds a part of every model, and the largest tensor is more than a shard
+        assert x["load_peak"] > 0 and 0 < x["shards"] and x["largest_tensor"] > 0

@@ -1,5 +1,6 @@
 """fsdp_utils.py: one SFT step under `torchrun --nproc_per_node 2` (FSDP2, gloo, CPU) must give the
-same gradients, loss, saved weights and greedy rollouts as the same step in one process."""
+same gradients, loss, saved weights and greedy rollouts as the same step in one process; sharded
+loading (fsdp_utils.on_device) must give the files' exact weights and the same losses and gradients."""
 import json
 import os
 import signal
@@ -89,3 +90,48 @@ def test_masked_batch_norm_statistics_are_global():
     """One row of the docs/algorithm.md §10 masked-BN vector per rank: the all-reduced statistics
     give each rank its rows of the single-process result."""
     run(["--bn"], nproc=2, timeout=120)
+
+
+def write_models(folder, tied: bool) -> tuple[str, str]:
+    """A tiny Llama (grouped-query attention; embeddings tied or not) as an HF folder, and a value
+    model folder on its backbone with a random head (the head's 1-row weight leaves rank 1 an empty
+    shard)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    tok = task.build_char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=70, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    path, value_path = str(folder / "policy"), str(folder / "value")
+    model.save_pretrained(path)
+    model.model.save_pretrained(value_path)
+    for p in (path, value_path):
+        tok.save_pretrained(p)
+    head = {"weight": torch.randn(1, 40), "bias": torch.randn(1)}
+    save_file(head, os.path.join(value_path, "value_head.safetensors"))
+    with open(os.path.join(value_path, "value_config.json"), "w") as f:
+        json.dump({}, f)
+    return path, value_path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_sharded_loading_one_vs_two_processes(tmp_path, tied):
+    """Policy, frozen bf16 reference, value model and new value model loaded by train_utils on 1 and
+    2 processes: exact weights and buffers (asserted in the script), and the same loss and gradients
+    after two micro-batches with gradient sync off on the first."""
+    path, value_path = write_models(tmp_path, tied)
+    one, two = tmp_path / "one", tmp_path / "two"
+    run(["--load", str(one), path, value_path])
+    run(["--load", str(two), path, value_path], nproc=2)
+    r1, r2 = json.load(open(one / "result.json")), json.load(open(two / "result.json"))
+    assert (r1["world"], r2["world"]) == (1, 2) and r1["tied"] == r2["tied"] == tied
+    for k in ("policy_loss", "value_loss"):
+        assert r2[k] == pytest.approx(r1[k], rel=1e-5), k
+    g1, g2 = load(one / "grads.safetensors"), load(two / "grads.safetensors")
+    assert set(g1) == set(g2) and any(k.startswith("value.value_head") for k in g1)
+    for k in g1:  # fp32 sums in another order: equal to ~1e-7 of each gradient's scale
+        scale = g1[k].abs().max()
+        assert scale > 0 and (g2[k] - g1[k]).abs().max() <= 1e-5 * scale, k
