@@ -163,8 +163,9 @@ def plot(res: dict, out: str, drift_beta: float | None):
         axes[1].plot(steps, mean("reward"), color=COLORS[m], label=f"{LABELS[m]}: gold reward")
         score = "rm/score" if m == "ppo" else "gvm/return"
         axes[1].plot(steps, mean(score), color=COLORS[m], ls=":", label=f"{LABELS[m]}: frozen model's score")
-    axes[0].set_title(f"value drift: rank corr(frozen score, gold) on each step's rollouts (β = {drift_beta:g})")
-    axes[1].set_title("rollouts: gold reward (solid) and the frozen model's normalized score (dotted)")
+    axes[0].set_title(f"rank corr(frozen model's score, gold) of each step's rollouts, β = {drift_beta:g}", fontsize=9)
+    axes[1].set_title("each step's rollouts: gold reward (solid), frozen model's unit-scale score (dotted)",
+                      fontsize=9)
     for ax in axes:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
