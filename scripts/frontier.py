@@ -141,7 +141,7 @@ def plot(res: dict, out: str, drift_beta: float | None):
         ax.set_ylabel("held-out gold reward")
         ax.set_title(f"gold reward vs KL, {title} (labels: β)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "frontier.png"), dpi=130)
     if drift_beta is None:
