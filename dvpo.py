@@ -337,12 +337,13 @@ def main(cfg: Config):
             r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen GVM still rank this policy's samples?
             corr = tu.rank_correlation(terminal(w[:, 1:], mask), torch.tensor(r))
-            if corr == corr:  # nan (undefined) when every reward in the batch is equal: not logged
-                m["gvm/reward_corr"] = corr
+            m["gvm/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
                                       "tokens_per_s": float(tokens) / dt})
+        if "gvm/reward_corr" in m:  # value drift: the last step's value goes to summary.json
+            state["reward_corr"] = m["gvm/reward_corr"]
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
         bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), ret=f"{m['gvm/return']:.3f}",
@@ -353,6 +354,8 @@ def main(cfg: Config):
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start, "advantage": cfg.advantage,
                "tau_k": tau_k, "gvm/scale": scale, **tu.eval_summary(state["before"], evaluate())}
+    if "reward_corr" in state:
+        summary["gvm/reward_corr_final"] = state["reward_corr"]
     checkpoint.save_checkpoint(ckpt, tok, state, {"policy": (policy, opt)})
     checkpoint.save_hf(policy, tok, cfg.out_dir)
     tu.finish(cfg.out_dir, summary)

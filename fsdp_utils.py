@@ -219,11 +219,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_metrics(metrics: dict, device) -> dict:
-    """Mean of scalar metrics over ranks (one all-reduce for the whole dict)."""
+    """Mean of scalar metrics over ranks (one all-reduce for the whole dict). A NaN (a metric undefined
+    on that rank's batch) is left out of its mean; a metric undefined on every rank is dropped. Every
+    rank must pass the same keys."""
     keys = sorted(metrics)
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    ok = ~torch.isnan(v)
+    t = torch.cat([torch.where(ok, v, torch.zeros_like(v)), ok.double()])  # sums, then counts
     all_reduce_sum(t)
-    return {k: v / world() for k, v in zip(keys, t.tolist())}
+    sums, counts = t[:len(keys)].tolist(), t[len(keys):].tolist()
+    return {k: s / c for k, s, c in zip(keys, sums, counts) if c > 0}
 
 
 def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:

@@ -401,12 +401,13 @@ def main(cfg: Config):
             r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen RM still rank this policy's samples?
             corr = tu.rank_correlation(sc["score"], torch.tensor(r))
-            if corr == corr:  # nan (undefined) when every reward in the batch is equal: not logged
-                m["rm/reward_corr"] = corr
+            m["rm/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],
                                       "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score,
                                       "tokens_per_s": float(tokens) / dt})
+        if "rm/reward_corr" in m:  # value drift: the last step's value goes to summary.json
+            state["reward_corr"] = m["rm/reward_corr"]
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             fu.append_jsonl(metrics_path, m)
         bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), rm=f"{m['rm/score']:.3f}",
@@ -418,6 +419,8 @@ def main(cfg: Config):
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
                "rm/pairwise_accuracy": rm_config.get("rm/pairwise_accuracy", float("nan")), "rm/scale": scale,
                **tu.eval_summary(state["before"], evaluate())}
+    if "reward_corr" in state:
+        summary["rm/reward_corr_final"] = state["reward_corr"]
     checkpoint.save_checkpoint(ckpt, tok, state, trained)
     checkpoint.save_hf(policy, tok, cfg.out_dir)
     checkpoint.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only

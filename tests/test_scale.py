@@ -13,6 +13,7 @@ import torch
 import checkpoint
 import data
 import dvpo
+import fsdp_utils as fu
 import gvm
 import ppo_baseline
 import task
@@ -99,6 +100,14 @@ def test_rank_correlation_hand_values():
     # ties share their average rank: ranks of [0, 0, 1, 1] are [0.5, 0.5, 2.5, 2.5]
     assert tu.rank_correlation(x, torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.894427, abs=1e-6)
     assert tu.rank_correlation(x, torch.ones(4)) != tu.rank_correlation(x, torch.ones(4))  # nan: constant
+
+
+def test_undefined_metric_is_left_out_of_the_mean():
+    """A reward correlation is nan on a batch whose rewards are all equal: it must not turn the logged
+    row into NaN (invalid JSON) nor change the other metrics. (Across ranks, the mean of the defined ones.)"""
+    m = fu.reduce_metrics({"loss": 0.25, "gvm/reward_corr": float("nan"), "kl": 1.5}, torch.device("cpu"))
+    assert m == {"loss": 0.25, "kl": 1.5}
+    assert fu.reduce_metrics({"gvm/reward_corr": 0.5}, torch.device("cpu")) == {"gvm/reward_corr": 0.5}
 
 
 def test_nan_guard_stops_with_one_line(setup, tmp_path):
