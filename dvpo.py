@@ -330,13 +330,14 @@ def main(cfg: Config):
         state["tau_pool"] = list(zip(batch["prompt_ids"], tu.responses(batch)))
         state["step"] = step + 1
         dt = time.time() - t0
-        m = {"gvm/return": terminal(w[:, 1:], mask).mean().item(), "gvm/value_prompt": w[:, 0].mean().item(),
+        w_T = terminal(w[:, 1:], mask)  # (B,) the GVM's estimate of each response's reward
+        m = {"gvm/return": w_T.mean().item(), "gvm/value_prompt": w[:, 0].mean().item(),
              "kl": seq_kl, "response_len": batch["response_len"].float().mean().item(),
              "truncated": batch["truncated"].float().mean().item(), **stats}
         if reward_fn is not None:  # reporting only, never in a loss
             r = tu.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen GVM still rank this policy's samples?
-            corr = tu.rank_correlation(terminal(w[:, 1:], mask), torch.tensor(r))
+            corr = tu.rank_correlation(w_T, torch.tensor(r))
             m["gvm/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean
         tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()
         m = tu.step_row(m, device, **{"step": step + 1, "kl_beta": state["kl_beta"], "lr": opt.param_groups[0]["lr"],

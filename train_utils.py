@@ -161,15 +161,16 @@ def load_value_rows(cfg, tok, device, script: str) -> tuple[str, list, list]:
         sys.exit(f"{script}: --data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
     if not cfg.data:
         kind = "preference"
-        # sampled on rank 0 only: no other rank loads the policy
-        policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval() if fu.rank() == 0 else None
-        rows = task.builtin_pair_splits(  # then broadcast to the others
-            policy, tok, cfg.builtin_samplers.split(","), cfg.builtin_prompts, cfg.builtin_eval_prompts,
-            cfg.bt_temperature, lambda i: seed_for(cfg.seed, "pairs/prompts", i),
-            lambda i, split: seed_for(cfg.seed, "pairs", i, split), device) if fu.rank() == 0 else None
+        rows = None
+        if fu.rank() == 0:  # sampled on rank 0 only (no other rank loads the policy), then broadcast
+            policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+            rows = task.builtin_pair_splits(
+                policy, tok, cfg.builtin_samplers.split(","), cfg.builtin_prompts, cfg.builtin_eval_prompts,
+                cfg.bt_temperature, lambda i: seed_for(cfg.seed, "pairs/prompts", i),
+                lambda i, split: seed_for(cfg.seed, "pairs", i, split), device)
+            del policy
         rows = fu.broadcast_object(rows)
         train_rows, eval_rows = rows["train"], rows["eval"]
-        del policy
     else:
         train_rows, eval_rows = load_rows(cfg.data, cfg.eval_data, kind, cfg.skip_bad, cfg.eval_frac, cfg.seed)
     if not train_rows or not eval_rows:
