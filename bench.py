@@ -40,6 +40,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import dvpo
 import fsdp_utils as fu
+import model
 import ppo_baseline
 import task
 import train_utils as tu
@@ -148,11 +149,11 @@ def write_preset(cfg: Config) -> str:
 
 def load_models(path: str, method: str, gradient_checkpointing: bool, device, frozen_dtype: torch.dtype) -> dict:
     """policy (trained), ref (frozen) and, per method, gvm (frozen) or rm (frozen) + critic (trained)."""
-    models = {"policy": tu.load_policy(path, device)[0],
-              "ref": tu.load_policy(path, device, dtype=frozen_dtype, frozen=True)[0]}
+    models = {"policy": model.load_policy(path, device)[0],
+              "ref": model.load_policy(path, device, dtype=frozen_dtype, frozen=True)[0]}
     for name in (("gvm",) if method == "dvpo" else ("rm", "critic")):
-        models[name] = (tu.new_value_model(path, device) if name == "critic" else
-                        tu.new_value_model(path, device, dtype=frozen_dtype, frozen=True))
+        models[name] = (model.new_value_model(path, device) if name == "critic" else
+                        model.new_value_model(path, device, dtype=frozen_dtype, frozen=True))
     for name, m in models.items():  # the trained ones in train mode, as the scripts set them (HF checkpoints only then)
         if m.train(name in ("policy", "critic")).training and gradient_checkpointing:
             (m.backbone if name == "critic" else m).gradient_checkpointing_enable()
@@ -171,7 +172,7 @@ def rl_step(method: str, models: dict, opts: dict, prompts: list, tok, acfg, dev
     Returns ({phase: seconds, total, cpu_total}, new optimizer-step count)."""
     t0, cpu0 = clock(device), time.process_time()  # CPU seconds: less sensitive to other tenants
     gen = tu.torch_rng(acfg.seed, "rollout", step, fu.rank(), device=device)
-    batch = tu.rollout(models["policy"], prompts, tok, acfg.max_new_tokens, acfg.temperature, acfg.top_p, gen,
+    batch = model.rollout(models["policy"], prompts, tok, acfg.max_new_tokens, acfg.temperature, acfg.top_p, gen,
                        device, min_new_tokens=acfg.max_new_tokens)  # fixed length: both methods do the same work
     t1 = clock(device)
     if method == "dvpo":
@@ -206,18 +207,18 @@ def measure(cfg: Config) -> dict:
         model=path, steps=cfg.warmup + cfg.steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
         micro_batch_size=cfg.micro_batch_size, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.response_len,
         lr=1e-6, seed=cfg.seed)  # the scripts' own hyperparameters otherwise (clip ε, β, γ, λ, ...)
-    tu.check_batch_sizes(algo, world, "bench.py")
-    tok = tu.load_tokenizer(path)
+    tu.check_batch_sizes(algo.batch_size, algo.minibatch_size, algo.micro_batch_size, world)
+    tok = model.load_tokenizer(path)
     with torch.device("meta"):  # import the model's Python code now (~120 MB for Llama): that is not model memory
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    base = fu.current_memory(device)  # after imports, process group and tokenizer; before any model exists
-    fu.reset_peak_memory(device)  # from here on: the loading peak
+    base = tu.current_memory(device)  # after imports, process group and tokenizer; before any model exists
+    tu.reset_peak_memory(device)  # from here on: the loading peak
     models = load_models(path, cfg.method, cfg.gradient_checkpointing, device,
-                         tu.frozen_dtype(cfg.frozen_dtype, device))
+                         model.frozen_dtype(cfg.frozen_dtype, device))
     opts = {n: torch.optim.AdamW(models[n].parameters(), lr=algo.lr, weight_decay=0.0)
             for n in ("policy", "critic") if n in models}
-    loaded, load_peak = fu.current_memory(device), fu.peak_memory(device)
-    fu.reset_peak_memory(device)  # from here on: the steps' peak
+    loaded, load_peak = tu.current_memory(device), tu.peak_memory(device)
+    tu.reset_peak_memory(device)  # from here on: the steps' peak
     prompts = tok_prompts(tok, cfg.batch_size // world, cfg.prompt_len, cfg.seed + 1 + fu.rank())
     steps, opt_step = [], 0
     for step in range(cfg.warmup + cfg.steps):
@@ -227,7 +228,7 @@ def measure(cfg: Config) -> dict:
                   f"{ph['total']:.2f} s | " + " | ".join(f"{k} {ph[k]:.2f}" for k in PHASES))
     tensors = [t for m in models.values() for t in [*m.parameters(), *m.buffers()]]  # this rank's shards, the largest
     shards = sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors)  # tensor (its load transient)
-    per_rank = fu.all_gather_object({"step_peak": fu.peak_memory(device) - base, "load_peak": load_peak - base,
+    per_rank = fu.all_gather_object({"step_peak": tu.peak_memory(device) - base, "load_peak": load_peak - base,
                                      "loaded": loaded - base, "base": base, "shards": shards,
                                      "largest_tensor": max(t.numel() * t.element_size() for t in tensors)})
     result = {"method": cfg.method, "device": str(device), "world": world, "threads": cfg.threads,
@@ -240,7 +241,7 @@ def measure(cfg: Config) -> dict:
     fu.print0(f"{cfg.method}: step peak {result['peak_memory_bytes'] / 2**30:.3f} GiB net per rank, load peak "
               f"{result['load_peak_bytes'] / 2**30:.3f} GiB | step {statistics.median(result['step_times_s']):.2f} s")
     if cfg.result:
-        fu.write_json(cfg.result, result)
+        tu.write_json(cfg.result, result)
     fu.cleanup()
     return result
 
@@ -349,7 +350,7 @@ def main(cfg: Config) -> dict:
     n_pi, n_v = first["params"]["policy"], first["params"]["value"]
     res = {m: summarize(runs[m], mem[m]) for m in ("dvpo", "ppo")}
     res["analytic"] = analytic(n_pi, n_v, cfg.batch_size * (cfg.prompt_len + cfg.response_len), cfg.ppo_epochs, nproc,
-                               tu.frozen_dtype(cfg.frozen_dtype, torch.device(first["device"])).itemsize)
+                               model.frozen_dtype(cfg.frozen_dtype, torch.device(first["device"])).itemsize)
     d, p = res["dvpo"], res["ppo"]
     res.update({"ratio/memory": d["peak_memory_bytes"] / p["peak_memory_bytes"],
                 "ratio/step_time": d["step_time_s"] / p["step_time_s"],
@@ -364,7 +365,7 @@ def main(cfg: Config) -> dict:
                 "preset": "" if cfg.model else cfg.preset, "model": cfg.model, "params": {"policy": n_pi, "value": n_v},
                 "threads": cfg.threads, "nproc": nproc, "device": first["device"], "torch": torch.__version__,
                 "config": asdict(cfg), "paper": PAPER})
-    fu.write_json(os.path.join(cfg.out_dir, "bench.json"), res)
+    tu.write_json(os.path.join(cfg.out_dir, "bench.json"), res)
     print(f"\n{cfg.model or cfg.preset}: policy {n_pi / 1e6:.1f}M params, GVM/RM/critic {n_v / 1e6:.1f}M | batch "
           f"{cfg.batch_size}, prompt {cfg.prompt_len} + response {cfg.response_len} tokens, {cfg.ppo_epochs} epochs | "
           f"{first['device']} × {nproc}, {cfg.threads} threads | medians of {cfg.repeats} repeats × {cfg.steps} "
@@ -376,5 +377,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    cfg = fu.parse_config(Config)
+    cfg = tu.parse_config(Config)
     main(cfg) if cfg.method == "both" else measure(cfg)

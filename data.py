@@ -1,20 +1,20 @@
-"""data.py — data formats, tokenization, collation and sampling shared by every script.
+"""data.py — data formats, validation, tokenization and collation shared by every script.
 
-What lives here (plumbing, no RL math; the built-in task and its tiny model are in task.py):
+What lives here (no model and no RL math: reading numbers off a model is model.py; the built-in task
+is task.py):
   1. Real data from JSONL / JSON-array files: preferences {prompt, chosen, rejected} (strings or
      chat-message lists; HH-RLHF transcripts are split at the last "\\n\\nAssistant:"), the released
      DVPO code's {question, response_j, response_k}, scored {prompt, response, score}, prompts
      {prompt} or {messages}, SFT {prompt, response} or {messages}; an optional `policy` field.
      A malformed record raises `DataError("file:line: field 'x': ...")`, or is skipped and counted
      with skip_bad=True.
-  2. Token layout (docs/algorithm.md §1): sequence z = x ⊕ y. Logits at position i score z_{i+1},
-     so the log-prob of y_t is read at position P+t-2 and the value chain is w_k = u_{P-1+k},
-     k = 0..T. `gather_response` reads these response-aligned slices per row, whatever the padding
-     side; `value_chain` is the chain of a value model, `tau_prefix` renders τ (§8).
-  3. Sampling with a KV cache (temperature, top-p, cut at the first stop token, truncation flagged).
-     A response's end token: every training response ends with `end_of_turn_id` (the chat template's
-     end-of-turn token, e.g. <|im_end|>, else EOS); sampling stops at any of `stop_token_ids` (that
-     token, the tokenizer's EOS and the model's generation_config.eos_token_id).
+     split_heldout / load_rows: a file's training and held-out rows (the same split in every script).
+  2. Tokenization with exact prompt/response boundaries. A response's end token: every training
+     response ends with `end_of_turn_id` (the chat template's end-of-turn token, e.g. <|im_end|>, else
+     EOS); sampling stops at any of `stop_token_ids` (that token, the tokenizer's EOS and the model's
+     generation_config.eos_token_id).
+  3. Collation: z = x ⊕ y right-padded for training (collate_right), prompts left-padded for
+     generation (collate_left), response masks, and the τ prefix (docs/algorithm.md §8).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+
+import fsdp_utils as fu
+import train_utils as tu
 
 # ----------------------------------------------------------------------------------------------
 # 1. Real data formats
@@ -212,6 +214,29 @@ def load_records(path: str, kind: str, skip_bad: bool = False) -> tuple[list[dic
     return out, stats
 
 
+def split_heldout(rows: list, n_eval: int, frac: float, seed: int, what: str) -> tuple[list, list]:
+    """(training rows, held-out rows): shuffled with --seed, then min(n_eval, max(1, frac·N)) rows
+    held out: at least one when there are two or more rows, never all of them; n_eval <= 0 holds
+    none out. The same (seed, what) gives the same split in every script (gvm.py and reward_model.py)."""
+    rows = list(rows)
+    tu.python_rng(seed, "split", what).shuffle(rows)
+    k = 0 if n_eval <= 0 or len(rows) < 2 else min(n_eval, max(1, int(frac * len(rows))), len(rows) - 1)
+    return rows[k:], rows[:k]
+
+
+def load_rows(path: str, eval_path: str, kind: str, skip_bad: bool, frac: float, seed: int) -> tuple[list, list]:
+    """(training rows, held-out rows) of `kind` (PARSERS) from `path`, and from `eval_path` or else
+    a split of `path` (split_heldout: gvm.py and reward_model.py split a file alike). Says what each
+    file gave."""
+    rows, stats = load_records(path, kind, skip_bad)
+    fu.print0(stats.summary())
+    if not eval_path:
+        return split_heldout(rows, len(rows), frac, seed, kind)
+    held, stats = load_records(eval_path, kind, skip_bad)
+    fu.print0(stats.summary())
+    return rows, held
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Tokenization: exact prompt/response boundaries
 
@@ -310,7 +335,7 @@ def check_context(longest: int, model_config, what: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Collation and response-aligned indexing
+# 3. Collation
 
 def collate_right(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
     """Training batch: z = x ⊕ y, right-padded. Returns input_ids / attention_mask (B, L),
@@ -338,25 +363,9 @@ def collate_left(prompts: list[list[int]], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def gather_response(x: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
-    """Per-row slice x[b, start_b : start_b + length] of a (B, L, ...) tensor -> (B, length, ...).
-    Out-of-range positions are clamped; mask them with `response_mask`."""
-    idx = (start[:, None] + torch.arange(length, device=x.device)[None, :]).clamp(0, x.shape[1] - 1)
-    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, idx)
-
-
 def response_mask(response_len: torch.Tensor, length: int) -> torch.Tensor:
     """(B, length) float mask, 1 on the first response_len_b entries of each row."""
     return (torch.arange(length, device=response_len.device)[None, :] < response_len[:, None]).float()
-
-
-def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
-    """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
-    (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain.
-    w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y) (docs/algorithm.md §1)."""
-    T = int(response_len.max())
-    return gather_response(u, prompt_len - 1, T + 1), response_mask(response_len + 1, T + 1)
 
 
 def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, response_len: int) -> list[int]:
@@ -364,86 +373,3 @@ def tau_prefix(examples: list[tuple[list[int], list[int]]], prompt_len: int, res
     the left to prompt_len tokens and each response from the right to response_len, concatenated
     in order (a response keeps its EOS unless cut, which marks where each trajectory ends)."""
     return [t for p, r in examples for t in p[max(len(p) - prompt_len, 0):] + r[:response_len]]
-
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a left-padded row is computed like an unpadded one."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def response_logprobs(model, batch: dict, T: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log pi(y_t | s_t) and the entropy of pi(. | s_t) for t = 1..T, response-aligned (B, T).
-    Logits at position i score token i+1, so y_t (at P+t-1) is scored at position P+t-2."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits.float()  # (B, L, V)
-    start = batch["prompt_len"] - 1
-    logits = gather_response(logits, start, T) / temperature  # (B, T, V)
-    targets = gather_response(ids, start + 1, T)  # (B, T)
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, entropy
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. Sampling with a KV cache
-
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
-    """(B, V) logits -> (B,) tokens. temperature 0 is greedy; top_p < 1 keeps the smallest set of
-    tokens whose probability reaches top_p (nucleus sampling)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs = F.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        p_sorted, order = probs.sort(-1, descending=True)
-        drop = p_sorted.cumsum(-1) - p_sorted > top_p  # tokens entirely beyond the nucleus
-        probs = torch.zeros_like(probs).scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-@torch.no_grad()
-def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None, min_new_tokens: int = 0):
-    """Sample responses for left-padded prompts (B, P) with a KV cache. eos_id: the stop token, or a
-    list of them (stop_token_ids); "EOS" below is any of them.
-    Returns response ids (B, T) padded with pad_id after the first EOS, response_len (B,) counting
-    the EOS, and truncated (B,) bool for rows that hit max_new_tokens without an EOS.
-    min_new_tokens forces fixed-length generation (EOS is masked until then; used by bench.py)."""
-    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=input_ids.device)
-    position = position_ids(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
-    B = input_ids.shape[0]
-    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-    length = torch.zeros(B, dtype=torch.long, device=input_ids.device)
-    pos, mask, tokens = position[:, -1], attention_mask, []
-    for t in range(max_new_tokens):
-        if t < min_new_tokens:
-            logits = logits.clone()
-            logits[:, stops] = -float("inf")
-        tok = sample_token(logits, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens.append(tok)
-        length += (~done).long()
-        done |= torch.isin(tok, stops)
-        if bool(done.all()):  # note: a CPU-GPU sync point, once per token
-            break
-        pos = pos + 1
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
-    return torch.stack(tokens, 1), length, ~done
-
-
-def sample_texts(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
-                 top_p: float = 1.0, batch_size: int = 64, generator=None, device="cpu") -> list[str]:
-    """Decoded responses for a list of prompts (strings or messages), in batches."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        enc = collate_left([encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
-        stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-        ids, _, _ = generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens,
-                             stops, tokenizer.pad_token_id, temperature, top_p, generator)
-        out += [decode_response(tokenizer, row.tolist(), stops) for row in ids]
-    return out

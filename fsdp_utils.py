@@ -11,21 +11,18 @@ operation) when the process group is not initialized, so `python x.py` and
      tensor.
   3. full_state_dict / load_full_state_dict: a full state dict on rank 0 (a collective: every rank
      calls it), and back into the shards; checkpoint.py writes it to disk.
-  4. all_reduce_sum / reduce_metrics / all_gather_object / print0 / peak memory.
+  4. all_reduce_sum / reduce_metrics / broadcast_object / all_gather_object / print0.
   5. gathered(model): keep parameters gathered for a whole rollout (FSDP2 otherwise re-gathers every
      block for every generated token), in eval() mode so the KV cache is used.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import resource
 
 import torch
 import torch.distributed as dist
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
@@ -138,20 +135,6 @@ def on_device(load, device, frozen: bool = False):
     return shard(model, device, full=full)
 
 
-def hf_model(path: str, dtype: torch.dtype, meta: bool, cls=AutoModelForCausalLM):
-    """The HF model at `path` in `dtype`: loaded (from_pretrained), or, on the meta device, the same
-    modules built from its config, with the generation settings from_pretrained would read."""
-    if not meta:
-        return cls.from_pretrained(path, dtype=dtype)
-    model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    if model.can_generate():
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # no generation_config.json: from_pretrained keeps the default from the config too
-            pass
-    return model
-
-
 def grad_sync(model: torch.nn.Module, on: bool):
     """FSDP2 gradient accumulation: with on=False the next backward keeps its gradients unsharded
     on this rank (no reduce-scatter), the final micro-batch (on=True) reduce-scatters the sum. Saves
@@ -219,73 +202,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def reduce_metrics(metrics: dict, device) -> dict:
-    """Mean of scalar metrics over ranks (one all-reduce for the whole dict). A NaN (a metric undefined
-    on that rank's batch) is left out of its mean; a metric undefined on every rank is dropped. Every
-    rank must pass the same keys."""
+    """Mean of scalar metrics over ranks: one all-reduce for the whole dict, then one CPU-GPU sync
+    (.tolist()). Values are python numbers or 0-d tensors (detached: kept on the device until here).
+    A NaN (a metric undefined on that rank's batch) is left out of its mean; a metric undefined on
+    every rank is dropped. Every rank must pass the same keys."""
     keys = sorted(metrics)
-    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    v = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64).to(device).reshape(()) for k in keys])
     ok = ~torch.isnan(v)
     t = torch.cat([torch.where(ok, v, torch.zeros_like(v)), ok.double()])  # sums, then counts
-    all_reduce_sum(t)
-    sums, counts = t[:len(keys)].tolist(), t[len(keys):].tolist()
+    all_reduce_sum(t)  # all-reduce: every rank, same keys
+    sums, counts = t[:len(keys)].tolist(), t[len(keys):].tolist()  # CPU-GPU sync
     return {k: s / c for k, s, c in zip(keys, sums, counts) if c > 0}
 
 
-def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> float:
-    """clip_grad_norm_ over all parameters; under FSDP2 the norm is a DTensor, made a float here."""
+def grad_norm_clip(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_ over all parameters; returns the total norm before clipping as a 0-d tensor
+    (no host sync). Under FSDP2 the norm of sharded gradients is a DTensor: full_tensor() all-reduces
+    it, so every rank gets the same norm and clips alike (a collective: every rank calls this)."""
     norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def current_memory(device: torch.device) -> int:
-    """Bytes in use now: CUDA allocated on GPU; on CPU the process's resident set (VmRSS)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def reset_peak_memory(device: torch.device):
-    """Start a new peak: CUDA's peak counters, or on Linux the process's VmHWM (clear_refs 5), so that
-    e.g. the training steps' peak can be read apart from the loading peak before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-
-
-def peak_memory(device: torch.device) -> int:
-    """Peak bytes: CUDA max allocated on GPU; on CPU the process's peak RSS (VmHWM; not ru_maxrss,
-    which Linux inherits from the parent at fork, so a child of a big process would report its size)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # no /proc (not Linux)
-
-
-def parse_config(cls, argv=None):
-    """Parse a flat @dataclass Config from the command line (--field value)."""
-    return transformers.HfArgumentParser(cls).parse_args_into_dataclasses(args=argv)[0]
-
-
-def write_json(path: str, obj: dict):
-    """Rank 0 writes a JSON file (train_config.json, summary.json)."""
-    if rank() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(obj, f, indent=2)
-
-
-def append_jsonl(path: str, row: dict):
-    """Rank 0 appends one line to metrics.jsonl."""
-    if rank() == 0:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def broadcast_object(obj):

@@ -41,7 +41,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import evaluation
 import fsdp_utils as fu
+import model
 import task
 import train_utils as tu
 
@@ -81,7 +83,7 @@ class Config:
     # explain mode
     explain: bool = False  # print per-token values of one response instead of training
     gvm: str = "out/gvm"  # explain: the trained GVM folder
-    prompt: str = ""  # explain: the prompt text (a user message when the GVM was trained on chat prompts)
+    prompt: str = ""  # explain: the prompt text (a user message when the model was trained on chat prompts)
     messages: str = ""  # explain: the prompt as a JSON list of {role, content} messages (chat template)
     response: str = ""
     log_every: int = 10
@@ -89,9 +91,9 @@ class Config:
     device: str = "auto"
 
 
-def load_gvm(path: str):
-    """(value model, tokenizer, gvm_config) of a trained GVM folder."""
-    return tu.load_value_model(path, GVM_CONFIG, "train a GVM with `python gvm.py`")
+def load_gvm(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
+    """(value model, tokenizer, gvm_config) of a trained GVM folder (model.load_value_model)."""
+    return model.load_value_model(path, GVM_CONFIG, "train a GVM with `python gvm.py`", device, dtype, frozen)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,39 +101,61 @@ def load_gvm(path: str):
 
 def td_lambda_targets(w: torch.Tensor, R: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> torch.Tensor:
     """λ-returns over the value chain (docs/algorithm.md §2; arXiv:2502.16944v1 Eq. (1) is λ = 0).
-    w: (B, K) chain values (no grad), R: (B,) terminal reward, mask: (B, K) valid entries, each
-    row valid on a prefix 0..T_b. Returns G (B, K), zero where mask == 0:
+    w: (B, T+1) chain values (no grad), R: (B,) terminal reward, mask: (B, T+1) valid entries, each
+    row valid on a prefix 0..T_b. Returns G (B, T+1), zero where mask == 0:
         G_{T_b} = R_b,   G_k = γ((1-λ) w_{k+1} + λ G_{k+1})  for k < T_b."""
-    B, K = w.shape
-    last = mask.sum(1).long() - 1  # (B,) index T_b of the terminal entry
+    B, N = w.shape  # N = T+1 chain entries
+    last = model.last_index(mask)  # (B,) index T_b of the terminal entry
     G = torch.zeros_like(w)
     nxt = torch.zeros(B, dtype=w.dtype, device=w.device)  # G_{k+1}
-    for k in reversed(range(K)):  # vectorized over rows, a loop over time
-        w_next = w[:, k + 1] if k + 1 < K else torch.zeros_like(nxt)
+    for k in reversed(range(N)):  # vectorized over rows, a loop over time
+        w_next = w[:, k + 1] if k + 1 < N else torch.zeros_like(nxt)
         boot = gamma * ((1 - lam) * w_next + lam * nxt)
         G[:, k] = torch.where(k == last, R.to(w.dtype), boot) * mask[:, k]
         nxt = G[:, k]
     return G
 
 
-def gvm_loss(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, n_valid: float) -> torch.Tensor:
-    """½ Σ mask·(w - G)² / n_valid: with n_valid the valid-entry count of the global batch, this is
-    the global token mean. (Under FSDP gradients are averaged over ranks: scale by world size.)"""
+def gvm_loss(w: torch.Tensor, G: torch.Tensor, mask: torch.Tensor, n_valid) -> torch.Tensor:
+    """½ Σ mask·(w - G)² / n_valid over the chain, w, G, mask: (B, T+1) (G detached: a semi-gradient).
+    Loss convention: this rank's share of the global mean, Σ_local / n_valid with n_valid the valid
+    entries of the global batch (the caller backpropagates loss * world: DDP/FSDP average over ranks)."""
     return 0.5 * (mask * (w - G) ** 2).sum() / n_valid
 
 
-def rtg_metrics(values: torch.Tensor, returns: torch.Tensor) -> dict:
-    """How well values (N,) track Monte Carlo returns-to-go (N,) (docs/algorithm.md §11): Spearman's
-    rank correlation, and the mean squared error left after the best affine map a·v + b of the values
-    onto the returns (scale-free: the GVM predicts the ±1 preference target, not the gold reward)."""
-    v, g = values.double(), returns.double()
-    X = torch.stack([v, torch.ones_like(v)], 1)  # (N, 2)
-    coef = torch.linalg.lstsq(X, g[:, None]).solution  # (2, 1): least-squares a, b
-    return {"corr": tu.rank_correlation(v, g), "mse": (g - (X @ coef).squeeze(1)).square().mean().item()}
-
-
 # ----------------------------------------------------------------------------------------------
-# Data: sequences with terminal rewards (and τ), batches
+# Data: rows with terminal rewards (and τ), batches
+
+def load_value_rows(cfg: Config, tok, device) -> tuple[str, list, list]:
+    """(kind, training rows, held-out rows): from cfg.data (preference or scored) with cfg.eval_data or
+    a split, or the built-in task's pairs sampled from cfg.model by each of cfg.builtin_samplers.
+    Writes the exact rows used (pairs_train.jsonl, pairs_eval.jsonl), so that reward_model.py trains
+    on the same pairs and split."""
+    kind = cfg.data_kind
+    if kind not in ("preference", "scored"):
+        raise tu.ConfigError(f"--data_kind must be 'preference' or 'scored', got {cfg.data_kind!r}")
+    if not cfg.data:
+        kind = "preference"
+        rows = None
+        if fu.rank() == 0:  # sampled on rank 0 only (no other rank loads the policy), then broadcast
+            policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
+            rows = task.builtin_pair_splits(policy, tok, cfg.builtin_samplers.split(","), cfg.builtin_prompts,
+                                            cfg.builtin_eval_prompts, cfg.bt_temperature, cfg.seed, device)
+            del policy
+        rows = fu.broadcast_object(rows)
+        train_rows, eval_rows = rows["train"], rows["eval"]
+    else:
+        train_rows, eval_rows = data.load_rows(cfg.data, cfg.eval_data, kind, cfg.skip_bad, cfg.eval_frac, cfg.seed)
+    if not train_rows or not eval_rows:
+        raise data.DataError(f"need training and held-out rows, got {len(train_rows)} and {len(eval_rows)} "
+                             "(a file needs at least 2 rows to split, or pass --eval_data)")
+    if fu.rank() == 0:
+        for split, rs in (("train", train_rows), ("eval", eval_rows)):
+            name = f"pairs_{split}.jsonl" if kind == "preference" else f"scored_{split}.jsonl"
+            with open(os.path.join(cfg.out_dir, name), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rs)
+    return kind, train_rows, eval_rows
+
 
 def encode_rows(rows: list[dict], kind: str, tok, cfg: Config, trunc: data.TruncationStats) -> list[dict]:
     """Rows -> token ids. Preference: {prompt, chosen, rejected, policy} (R = +1 / -1);
@@ -194,131 +218,58 @@ def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg
 # Evaluation
 
 @torch.no_grad()
-def evaluate(model, examples, kind, pools, cfg: Config, pad_id, device, R_of, batch_size: int = 128) -> dict:
+def evaluate(value_model, examples, kind, pools, cfg: Config, pad_id, device, R_of, batch_size: int = 128) -> dict:
     """Held-out TD loss and (preference data) pairwise accuracy with w_T, the chain mean and chain
     percentiles, overall and per sampling policy. Replicated on every rank (held-out sets are
     small), so no collective is skipped."""
-    model.eval()
-    finals, means, pcts, td = [], [], {q: [] for q in (1, 5, 10, 90, 95, 99)}, [0.0, 0.0]
+    value_model.eval()
+    finals, means = [], []
+    pcts = {q: [] for q in (1, 5, 10, 90, 95, 99)}
+    td = [0.0, 0.0]  # Σ ½ (w - G)², number of chain entries
     for s in range(0, len(examples), batch_size):
         idx = list(range(s, min(s + batch_size, len(examples))))
         batch = make_batch(examples, idx, kind, pools, cfg, ("gvm/eval_tau",), pad_id, R_of)  # the same every time
         batch = {k: v.to(device) for k, v in batch.items()}
-        u = model(batch["input_ids"], batch["attention_mask"]).float()
-        w, mask = data.value_chain(u, batch["prompt_len"], batch["response_len"])
+        u = value_model(batch["input_ids"], batch["attention_mask"]).float()
+        w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])
         G = td_lambda_targets(w, batch["R"], mask, cfg.gamma, cfg.lam)
-        td[0] += 0.5 * (mask * (w - G) ** 2).sum().item()
+        td[0] += gvm_loss(w, G, mask, 1.0).item()  # the sum: n_valid = 1
         td[1] += mask.sum().item()
-        last = mask.sum(1).long() - 1
-        finals.append(w.gather(1, last[:, None]).squeeze(1).cpu())
+        last = model.last_index(mask)
+        finals.append(model.terminal(w, mask).cpu())
         means.append(((w * mask).sum(1) / mask.sum(1)).cpu())
         for q in pcts:
             pcts[q].append(torch.stack([torch.quantile(w[b, :last[b] + 1], q / 100) for b in range(len(w))]).cpu())
-    model.train()
+    value_model.train()
     w_T = torch.cat(finals).double()  # every held-out response (chosen and rejected alike)
     out = {"eval/td_loss": td[0] / td[1], "eval/value_mean": w_T.mean().item(),
            "eval/value_std": w_T.std(unbiased=False).item()}  # the scale RL divides by (docs/algorithm.md §7)
     if kind == "preference":  # rows alternate chosen, rejected
         table = {"final": torch.cat(finals), "mean": torch.cat(means)}
         table.update({f"P{q}": torch.cat(v) for q, v in pcts.items()})
-        acc = {name: tu.pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
+        acc = {name: evaluation.pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
         out["eval/pairwise_accuracy"] = acc["final"]
         out["eval/pairwise_accuracy_table"] = acc
         for pol in sorted({e["policy"] for e in examples if e["policy"] is not None}):
             sel = torch.tensor([e["policy"] == pol for e in examples])
-            out[f"eval/pairwise_accuracy/{pol}"] = tu.pairwise_accuracy(table["final"][0::2][sel],
-                                                                     table["final"][1::2][sel])
+            out[f"eval/pairwise_accuracy/{pol}"] = evaluation.pairwise_accuracy(table["final"][0::2][sel],
+                                                                             table["final"][1::2][sel])
         out["eval/value_chosen_mean"] = table["final"][0::2].mean().item()
         out["eval/value_rejected_mean"] = table["final"][1::2].mean().item()
-    return out
-
-
-RTG_POSITIONS = {"early": 1 / 6, "middle": 1 / 2, "late": 5 / 6}  # where in the response the prefix ends
-
-
-@torch.no_grad()
-def return_to_go(model, policy, tok, cfg: Config, device) -> dict:
-    """The return-to-go metric (built-in task, docs/algorithm.md §11). For cfg.rtg_prompts held-out
-    prompts and each sampler: one response y from the sampler; in it an early, a middle and a late
-    state s_k = x ⊕ y_<k (k = 1 + floor(f·T), f = 1/6, 1/2, 5/6, T = |y| + EOS); the true value of
-    s_k for that sampler estimated by Monte Carlo (the mean gold reward of cfg.rtg_completions
-    completions of s_k by the same sampler); the GVM's value of s_k, w_{k-1}, read on [τ] ⊕ x ⊕ y
-    with τ = K responses of the same sampler to other prompts. rtg_metrics overall, per sampler,
-    per position."""
-    model.eval()
-    prompts = task.builtin_prompts(cfg.rtg_prompts, "eval", seed=tu.seed_for(cfg.seed, "rtg/prompts"))
-    gen, slips = tu.torch_rng(cfg.seed, "rtg", device=device), tu.python_rng(cfg.seed, "rtg/slips")
-    values, returns, tags = [], [], []
-    for spec in cfg.builtin_samplers.split(","):
-        ys = task.sample_builtin(policy, tok, prompts, spec, gen, slips, device=device)
-        enc = [(data.encode_prompt(tok, p), data.encode_response(tok, y)) for p, y in zip(prompts, ys)]
-        rng = tu.python_rng(cfg.seed, "rtg/tau", spec)
-        tau = [data.tau_prefix([enc[j] for j in rng.sample([j for j in range(len(enc)) if prompts[j] != p],
-                                                           cfg.tau_k)], cfg.tau_prompt_len, cfg.tau_response_len)
-               for p in prompts]
-        batch = data.collate_right([t + e[0] for t, e in zip(tau, enc)], [e[1] for e in enc], tok.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        w, _ = data.value_chain(model(batch["input_ids"], batch["attention_mask"]).float(), batch["prompt_len"],
-                                batch["response_len"])
-        cases = [(i, 1 + int(f * len(enc[i][1])), pos) for i in range(len(prompts)) for pos, f in RTG_POSITIONS.items()]
-        values += [w[i, k - 1].item() for i, k, _ in cases]  # V(s_k) = w_{k-1}
-        returns += task.mc_returns(policy, tok, prompts, ys, [c[:2] for c in cases], spec, cfg.rtg_completions, gen,
-                                   slips, device).tolist()
-        tags += [(f"sft@{spec}", pos) for _, _, pos in cases]
-    model.train()
-    values, returns = torch.tensor(values), torch.tensor(returns)
-    out = {f"eval/rtg_{k}": v for k, v in rtg_metrics(values, returns).items()}
-    groups = sorted({t[0] for t in tags}) + list(RTG_POSITIONS)
-    for g in groups:
-        sel = torch.tensor([g in t for t in tags])
-        out.update({f"eval/rtg_{k}/{g}": v for k, v in rtg_metrics(values[sel], returns[sel]).items()})
     return out
 
 
 # ----------------------------------------------------------------------------------------------
 # Explain: per-token values (paper Figure 4)
 
-def explain_prompt(cfg: Config, gcfg: dict):
-    """The prompt to explain: --messages (a JSON list of {role, content}) as given; a plain --prompt as
-    one user message when the GVM was trained on chat prompts (gvm_config chat_prompts), so it is
-    encoded as training encoded its prompts; otherwise the text as is."""
-    if cfg.messages:
-        try:
-            return data.parse_prompt({"prompt": json.loads(cfg.messages)}, "--messages")["prompt"]
-        except json.JSONDecodeError as e:
-            raise data.DataError(f"--messages: invalid JSON: {e.msg}") from None
-    if not cfg.prompt:
-        raise data.DataError("--explain needs --prompt or --messages (and --response)")
-    return [{"role": "user", "content": cfg.prompt}] if gcfg.get("chat_prompts") else cfg.prompt
-
-
 def explain(cfg: Config):
+    """--explain: the GVM's value of every token of one response (evaluation.explain)."""
     device = fu.setup(cfg.device)
-    model, tok, gcfg = load_gvm(cfg.gvm)
-    model.to(device).eval()
+    value_model, tok, gcfg = load_gvm(cfg.gvm, device, frozen=True)
     if gcfg.get("tau_k", 0):
         print(f"note: this GVM was trained with tau_k={gcfg['tau_k']}; explaining without τ context")
-    prompt = explain_prompt(cfg, gcfg)
-    p, r = data.encode_prompt(tok, prompt), data.encode_response(tok, cfg.response)
-    batch = {k: v.to(device) for k, v in data.collate_right([p], [r], tok.pad_token_id).items()}
-    with torch.inference_mode():
-        u = model(batch["input_ids"], batch["attention_mask"]).float()
-        w, _ = data.value_chain(u, batch["prompt_len"], batch["response_len"])
-    w = w[0].tolist()
-    how = "plain text" if isinstance(prompt, str) else "chat template" if tok.chat_template else \
-        "role: content lines, no chat template"
-    if isinstance(prompt, list) and not cfg.messages:
-        how += ", --prompt as a user message: this GVM was trained on chat prompts"
-    print(f"prompt ({how}), the exact {len(p)} tokens scored: {tok.convert_ids_to_tokens(p)}")
-    print(f"w_0 = V(prompt) = {w[0]:+.3f}, read at the last prompt token")
-    print(f"{'t':>3}  {'token':<12} {'w_t':>8} {'w_t - w_t-1':>12}")
-    for t, tid in enumerate(r, 1):
-        bar = "+" * round(max(w[t] - w[t - 1], 0) * 20) or "-" * round(max(w[t - 1] - w[t], 0) * 20)
-        print(f"{t:>3}  {tok.convert_ids_to_tokens(tid)!r:<12} {w[t]:>+8.3f} {w[t] - w[t - 1]:>+12.3f}  {bar}")
-    print(f"terminal value w_T = {w[-1]:+.3f} (the GVM's estimate of the response's reward)")
-    if not isinstance(prompt, str) or not prompt.endswith(":") or not prompt[:-1].isdigit():
-        return
-    print(f"gold reward (built-in task) = {task.gold_reward(cfg.prompt, cfg.response):.3f}")
+    prompt = evaluation.explain_prompt(cfg.prompt, cfg.messages, gcfg.get("chat_prompts", False))
+    evaluation.explain(value_model, tok, prompt, cfg.response, device, bool(cfg.messages))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,96 +279,107 @@ def main(cfg: Config):
     if cfg.explain:
         return explain(cfg)
     device = fu.setup(cfg.device)
-    if cfg.batch_size % fu.world():  # every rank needs rows in every batch
-        sys.exit(f"gvm.py: --batch_size {cfg.batch_size} must be divisible by the {fu.world()} processes")
+    world = fu.world()
+    if cfg.batch_size % world:  # every rank needs rows in every batch
+        raise tu.ConfigError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
     tu.seed_everything(cfg.seed)  # the same on every rank
-    metrics_path = tu.start_metrics(cfg.out_dir, cfg)
+    metrics_path = tu.start_metrics(cfg.out_dir, vars(cfg))
     if not os.path.exists(cfg.model) and not cfg.data:
         sys.exit(f"gvm.py: no SFT policy at {cfg.model!r}; run `python sft.py` first (or pass --model)")
-    tok = tu.load_tokenizer(cfg.model)
+    tok = model.load_tokenizer(cfg.model)
 
     # 1. data: preference pairs (R = ±1) or scored rows (R = score), a held-out split, τ pools
-    kind, train_rows, eval_rows = tu.load_value_rows(cfg, tok, device, "gvm.py")
+    kind, train_rows, eval_rows = load_value_rows(cfg, tok, device)
     trunc = data.TruncationStats()
-    train, held = encode_rows(train_rows, kind, tok, cfg, trunc), encode_rows(eval_rows, kind, tok, cfg, trunc)
+    train = encode_rows(train_rows, kind, tok, cfg, trunc)
+    held = encode_rows(eval_rows, kind, tok, cfg, trunc)
     fu.print0(f"{len(train)} training and {len(held)} held-out {kind} rows; {trunc.summary()}")
     score_mu, score_sd = 0.0, 1.0
     if kind == "scored" and cfg.normalize_scores:
         scores = torch.tensor([e["score"] for e in train], dtype=torch.float64)
-        score_mu, score_sd = scores.mean().item(), max(scores.std().item(), 1e-8) if len(scores) > 1 else 1.0
-    R_of = (lambda e, k: 1.0 if k == "chosen" else -1.0) if kind == "preference" else \
-        (lambda e, k: (e["score"] - score_mu) / score_sd)
+        score_mu = scores.mean().item()
+        score_sd = max(scores.std().item(), 1e-8) if len(scores) > 1 else 1.0
+
+    def R_of(e: dict, k: str) -> float:  # the terminal reward of response k of example e
+        if kind == "preference":
+            return 1.0 if k == "chosen" else -1.0
+        return (e["score"] - score_mu) / score_sd
+
     pools, held_pools = tau_pools(train, kind), tau_pools(held, kind)
     if cfg.tau_k:
         for name, p in list(pools.items()) + list(held_pools.items()):
             if len({tuple(x[1]) for x in p}) <= cfg.tau_k:
-                sys.exit(f"gvm.py: policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
+                raise data.DataError(f"policy {name!r} has too few distinct prompts for --tau_k {cfg.tau_k}")
 
-    # 2. model: SFT backbone + zero-initialised value head, sharded under torchrun
-    model = tu.new_value_model(cfg.model, device)
+    # 2. model: SFT backbone + zero-initialised value head
+    value_model = model.new_value_model(cfg.model, device)  # FSDP2: sharded under torchrun
     prompt_max = max(len(e["prompt"]) for e in train + held)
     response_max = max(len(e[k]) for e in train + held for k in e if k in ("chosen", "rejected", "response"))
     tau_item = min(cfg.tau_prompt_len, prompt_max) + min(cfg.tau_response_len, response_max)  # its longest
-    data.check_context(prompt_max + response_max + cfg.tau_k * tau_item, model.backbone.config,
+    data.check_context(prompt_max + response_max + cfg.tau_k * tau_item, value_model.backbone.config,
                        "τ + prompt + response")
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    value_model.train()
+    opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.lr, weight_decay=0.0)
     steps_per_epoch = len(train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     if total == 0:
-        sys.exit(f"gvm.py: {len(train)} training rows is fewer than one batch of {cfg.batch_size}")
-    t0, step = time.time(), 0
+        raise data.DataError(f"{len(train)} training rows is fewer than one batch of {cfg.batch_size}")
+    t0 = time.time()
+    step = 0
     bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
     for epoch in range(cfg.epochs):
         order = list(range(len(train)))
         tu.python_rng(cfg.seed, "gvm/order", epoch).shuffle(order)  # the same order on every rank
         for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::fu.world()]  # this rank's rows
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
             batch = make_batch(train, idx, kind, pools, cfg, ("gvm/tau", step), tok.pad_token_id, R_of)
             batch = {k: v.to(device) for k, v in batch.items()}
 
             # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
             #    same network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
-            u = model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
-            w, mask = data.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+            u = value_model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
+            w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
             G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
-            n_valid = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global count of chain entries
-            loss = gvm_loss(w, G, mask, n_valid) * fu.world()  # FSDP averages grads over ranks
+            n_valid = fu.all_reduce_sum(mask.sum().detach().clone())  # all-reduce: chain entries of the global batch
+            loss = gvm_loss(w, G, mask, n_valid)
 
             for g in opt.param_groups:
                 g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
+            (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+            gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
             opt.step()
 
             if step % cfg.log_every == 0 or step == total - 1:
-                m = fu.reduce_metrics({"train/td_loss": loss.item()}, device)  # mean of rank shares × world = sum
-                m.update({"step": step, "epoch": epoch, "train/grad_norm": gnorm,
-                          "train/lr": opt.param_groups[0]["lr"], "time/seconds": time.time() - t0})
-                fu.append_jsonl(metrics_path, m)
+                # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
+                m = fu.reduce_metrics({"train/td_loss": (loss * world).detach(), "train/grad_norm": gnorm}, device)
+                m.update({"step": step, "epoch": epoch, "train/lr": opt.param_groups[0]["lr"],
+                          "time/seconds": time.time() - t0})
+                tu.append_jsonl(metrics_path, m)
                 bar.set_postfix(td_loss=f"{m['train/td_loss']:.4f}")
             bar.update(1)
             step += 1
     bar.close()
 
     # 4. evaluate on held-out rows; compare with the gold reward's own accuracy (built-in task)
-    ev = evaluate(model, held, kind, held_pools, cfg, tok.pad_token_id, device, R_of)
+    ev = evaluate(value_model, held, kind, held_pools, cfg, tok.pad_token_id, device, R_of)
     summary = {"train/pairs" if kind == "preference" else "train/rows": len(train),
                "eval/pairs" if kind == "preference" else "eval/rows": len(held),
                "train/steps": total, "train/seconds": time.time() - t0, "tau_k": cfg.tau_k, **ev}
     if not cfg.data and cfg.rtg_prompts > 0:  # built-in task: does the GVM track the true return-to-go?
         policy = AutoModelForCausalLM.from_pretrained(cfg.model).to(device).eval()
-        summary.update(return_to_go(model, policy, tok, cfg, device))
+        summary.update(evaluation.return_to_go(value_model, policy, tok, cfg.builtin_samplers.split(","),
+                                               cfg.rtg_prompts, cfg.rtg_completions, cfg.tau_k, cfg.tau_prompt_len,
+                                               cfg.tau_response_len, cfg.seed, device))
         del policy
     if "gold_chosen" in eval_rows[0]:  # built-in task: the ceiling, the gold reward's own accuracy
-        summary.update(task.gold_accuracy(eval_rows, tu.pairwise_accuracy))
+        summary.update(evaluation.gold_accuracy(eval_rows))
     gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
             "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
             "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows),  # --explain encodes alike
             # fixed at training time, so the RL reward is stationary: dvpo.py divides the chain by value_std
             "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
-    checkpoint.save_value_model(model, tok, cfg.out_dir, GVM_CONFIG, gcfg)
+    checkpoint.save_value_model(value_model, tok, cfg.out_dir, GVM_CONFIG, gcfg)  # a collective: rank 0 writes
     tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:
         fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +
@@ -433,6 +395,6 @@ def main(cfg: Config):
 
 if __name__ == "__main__":
     try:
-        main(fu.parse_config(Config))
-    except data.DataError as e:  # bad input: one clear line, no traceback
+        main(tu.parse_config(Config))
+    except (data.DataError, tu.ConfigError) as e:  # bad input or flag: one clear line, no traceback
         sys.exit(f"gvm.py: {e}")

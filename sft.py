@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import evaluation
 import fsdp_utils as fu
+import model
 import task
 import train_utils as tu
 
@@ -53,19 +55,27 @@ class Config:
     device: str = "auto"
 
 
-def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens: float) -> torch.Tensor:
-    """Sum of response-token NLL divided by the global token count n_tokens.
-    logp, mask: (B, T). Under FSDP gradients are averaged over ranks, so each rank scales its
-    sum by world / n_tokens to make the result a global token mean."""
-    return -(logp * mask).sum() * fu.world() / n_tokens
+# ----------------------------------------------------------------------------------------------
+# Pure functions: the SFT loss
+
+def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens) -> torch.Tensor:
+    """Next-token NLL on response tokens. logp, mask: (B, T); n_tokens: valid tokens of the global batch.
+    Loss convention: this rank's share of the global token mean, Σ_local / n_tokens (the caller
+    backpropagates loss * world, since DDP/FSDP average gradients over ranks)."""
+    return -(logp * mask).sum() / n_tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# main: the recipe
 
 
 def main(cfg: Config):
     device = fu.setup(cfg.device)
     tu.seed_everything(cfg.seed)  # the same initial weights on every rank
-    model, tok = tu.load_policy(cfg.model, device, cfg.seed)  # sharded under torchrun
+    # FSDP2: sharded under torchrun (fully_shard per block, then root; each rank loads only its shards)
+    policy, tok = model.load_policy(cfg.model, device) if cfg.model else task.load_tiny_policy(device, cfg.seed)
     builtin = not cfg.data
-    reward_fn = tu.load_reward_fn(cfg.eval_reward, builtin)
+    reward_fn = evaluation.load_reward_fn(cfg.eval_reward, builtin)
 
     # data: tokenize with exact prompt/response boundaries, report truncation and skipped records
     if builtin:
@@ -74,68 +84,78 @@ def main(cfg: Config):
     else:
         rows, stats = data.load_records(cfg.data, "sft", cfg.skip_bad)
         fu.print0(stats.summary())
-        rows, eval_rows = tu.split_heldout(rows, cfg.eval_size, 0.1, cfg.seed, "sft")
+        rows, eval_rows = data.split_heldout(rows, cfg.eval_size, 0.1, cfg.seed, "sft")
         eval_prompts = [r["prompt"] for r in eval_rows]
     trunc = data.TruncationStats()
-    encode = lambda r: (data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc),
-                        data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
-    train, held = [encode(r) for r in rows], [encode(r) for r in eval_rows]
+
+    def encode(r):  # (prompt ids, response ids)
+        return (data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc),
+                data.encode_response(tok, r["response"], cfg.max_response_len, trunc))
+
+    train = [encode(r) for r in rows]
+    held = [encode(r) for r in eval_rows]
     fu.print0(f"{len(train)} training examples, {len(held)} held out; {trunc.summary()}")
     if cfg.batch_size % fu.world():
         sys.exit(f"sft.py: --batch_size {cfg.batch_size} must be divisible by the {fu.world()} processes")
     if len(train) < fu.world():  # a rank without rows would have nothing to collate
         sys.exit(f"sft.py: {len(train)} training example(s) for {fu.world()} processes; every process needs "
                  "at least one (lower --eval_size, or use fewer processes)")
-    data.check_context(max(len(p) + len(r) for p, r in train + held), model.config, "prompt + response")
+    data.check_context(max(len(p) + len(r) for p, r in train + held), policy.config, "prompt + response")
 
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    metrics_path = tu.start_metrics(cfg.out_dir, cfg)
+    policy.train()
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    metrics_path = tu.start_metrics(cfg.out_dir, vars(cfg))
 
     def evaluate():  # held-out reward of samples (temperature 1) and greedy; {} without a reward
-        return tu.evaluate_policy(model, None, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens, reward_fn,
-                                  max_prompt_len=cfg.max_prompt_len) if reward_fn else {}
+        if not reward_fn:
+            return {}
+        return evaluation.evaluate_policy(policy, None, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens,
+                                          reward_fn, max_prompt_len=cfg.max_prompt_len)
     before = evaluate()
     if before:
         fu.print0(f"before training: held-out reward {before['reward']:.3f} ± {before['reward_stderr']:.3f} "
                   f"(greedy {before['reward_greedy']:.3f})")
 
-    t0, order, cursor, epoch = time.time(), [], 0, 0
-    per_rank = cfg.batch_size // fu.world()
+    t0 = time.time()
+    order, cursor, epoch = [], 0, 0  # the shuffled example order of the current epoch, and where we are in it
+    world = fu.world()
+    per_rank = cfg.batch_size // world
     bar = tqdm(range(cfg.steps), desc="sft", disable=fu.rank() != 0)
     for step in bar:
         if cursor + cfg.batch_size > len(order):  # new epoch: the same shuffle on every rank
-            order, cursor, epoch = list(range(len(train))), 0, epoch + 1
+            order = list(range(len(train)))
+            cursor = 0
+            epoch += 1
             tu.python_rng(cfg.seed, "sft/order", epoch).shuffle(order)
-        idx = order[cursor:cursor + cfg.batch_size][fu.rank()::fu.world()][:per_rank]
+        idx = order[cursor:cursor + cfg.batch_size][fu.rank()::world][:per_rank]  # this rank's rows
         cursor += cfg.batch_size
         batch = data.collate_right([train[i][0] for i in idx], [train[i][1] for i in idx], tok.pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         T = int(batch["response_len"].max())
         mask = data.response_mask(batch["response_len"], T)
-        n_tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global response-token count
-        logp, _ = data.response_logprobs(model, batch, T)
+        n_tokens = fu.all_reduce_sum(mask.sum().detach().clone())  # all-reduce: global response-token count
+        logp, _ = model.response_logprobs(policy, batch, T)
         loss = sft_loss(logp, mask, n_tokens)
 
         for g in opt.param_groups:
             g["lr"] = tu.lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = fu.grad_norm_clip(model, cfg.grad_clip)
+        (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+        gnorm = fu.grad_norm_clip(policy, cfg.grad_clip)  # all-reduce under FSDP2
         opt.step()
 
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            m = fu.reduce_metrics({"train/loss": loss.item() / fu.world()}, device)
-            m["train/loss"] *= fu.world()  # loss is a per-rank share of the global mean: sum, don't average
-            m.update({"step": step, "train/grad_norm": gnorm, "train/lr": opt.param_groups[0]["lr"],
-                      "time/seconds": time.time() - t0})
-            fu.append_jsonl(metrics_path, m)
+            # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
+            m = fu.reduce_metrics({"train/loss": (loss * world).detach(), "train/grad_norm": gnorm}, device)
+            m.update({"step": step, "train/lr": opt.param_groups[0]["lr"], "time/seconds": time.time() - t0})
+            tu.append_jsonl(metrics_path, m)
             bar.set_postfix(loss=f"{m['train/loss']:.3f}")
 
-    summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0, **tu.eval_summary(before, evaluate())}
+    summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0,
+               **evaluation.eval_summary(before, evaluate())}
     if held:
-        summary["eval/nll"] = eval_nll(model, held, tok.pad_token_id, device)
-    checkpoint.save_hf(model, tok, cfg.out_dir)
+        summary["eval/nll"] = eval_nll(policy, held, tok.pad_token_id, device)
+    checkpoint.save_hf(policy, tok, cfg.out_dir)  # a collective: rank 0 gathers and writes
     tu.finish(cfg.out_dir, summary)
     fu.print0(f"saved to {cfg.out_dir}")
     fu.cleanup()
@@ -143,9 +163,9 @@ def main(cfg: Config):
 
 
 @torch.no_grad()
-def eval_nll(model, examples, pad_id: int, device, batch_size: int = 16) -> float:
+def eval_nll(policy, examples, pad_id: int, device, batch_size: int = 16) -> float:
     """Response-token mean NLL over held-out examples (each rank its shard, summed over ranks)."""
-    model.eval()
+    policy.eval()
     tot = torch.zeros(2, dtype=torch.float64, device=device)
     mine = examples[fu.rank()::fu.world()]  # this rank's strided share
     n_batches = math.ceil(math.ceil(len(examples) / fu.world()) / batch_size)  # same on every rank
@@ -155,15 +175,15 @@ def eval_nll(model, examples, pad_id: int, device, batch_size: int = 16) -> floa
         batch = {k: v.to(device) for k, v in data.collate_right(*zip(*(chunk or examples[:1])), pad_id).items()}
         T = int(batch["response_len"].max())
         mask = data.response_mask(batch["response_len"], T)
-        logp, _ = data.response_logprobs(model, batch, T)
+        logp, _ = model.response_logprobs(policy, batch, T)
         tot += weight * torch.stack([-(logp * mask).sum().double(), mask.sum().double()])
-    model.train()
-    fu.all_reduce_sum(tot)
+    policy.train()
+    fu.all_reduce_sum(tot)  # all-reduce: every rank
     return (tot[0] / tot[1]).item()
 
 
 if __name__ == "__main__":
     try:
-        main(fu.parse_config(Config))
-    except data.DataError as e:  # bad input: one clear line, no traceback
+        main(tu.parse_config(Config))
+    except (data.DataError, tu.ConfigError) as e:  # bad input or flag: one clear line, no traceback
         sys.exit(f"sft.py: {e}")

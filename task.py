@@ -9,10 +9,11 @@
      preferences what imitation cannot. The training code only ever sees the gold reward through
      Bradley-Terry preference labels: P(a > b) = sigmoid((g_a - g_b) / t).
   2. A character-level tokenizer (printable ASCII + \\t \\n, pad, eos, unk) built in code as a
-     `PreTrainedTokenizerFast`, and a tiny Llama built from a config.
+     `PreTrainedTokenizerFast`, and a tiny Llama built from a config (load_tiny_policy: the policy
+     sft.py starts from when no --model is given).
   3. Samplers of the SFT policy ("T1.0", "T1.0+late0.5") and the preference pairs they give.
   4. What the gold reward makes measurable: the true return-to-go of a prefix by Monte Carlo
-     (docs/algorithm.md §11) and the gold reward's own pairwise accuracy (the ceiling of a GVM's).
+     (docs/algorithm.md §11). (The gold labels' own pairwise accuracy: evaluation.gold_accuracy.)
 The scripts use it when no --data / --prompts are given: `python sft.py && python gvm.py && ...`.
 """
 from __future__ import annotations
@@ -27,12 +28,15 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
 import data
+import fsdp_utils as fu
+import model
+import train_utils as tu
 
 # ----------------------------------------------------------------------------------------------
 # 1. The built-in task: sort digits, with a hidden gold reward
 
 BUILTIN_MIN_DIGITS, BUILTIN_MAX_DIGITS = 4, 7
-BUILTIN_DEMO_ERROR = 0.25 # probability that a demonstration digit is replaced by a random digit
+BUILTIN_DEMO_ERROR = 0.25  # probability that a demonstration digit is replaced by a random digit
 BUILTIN_CONFUSION = ("7", "1", 0.6)  # ... and the demonstrator writes 7 as 1 more often than not
 
 
@@ -119,6 +123,13 @@ def build_tiny_model(tokenizer, seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(cfg)
 
 
+def load_tiny_policy(device="cpu", seed: int = 0):
+    """(model, tokenizer): the built-in tiny Llama and the char tokenizer, on `device`, sharded under
+    torchrun like every other model (fsdp_utils.on_device); fp32, trained by sft.py."""
+    tok = build_char_tokenizer()
+    return fu.on_device(lambda meta: build_tiny_model(tok, seed=seed), device), tok
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Samplers of the SFT policy and preference pairs
 
@@ -147,7 +158,7 @@ def late_slips(prompt: str, response: str, p: float, rng: random.Random, start: 
                    for i, c in enumerate(response))
 
 
-def sample_builtin(model, tokenizer, prompts: list[str], sampler: str, generator, rng: random.Random,
+def sample_builtin(policy, tokenizer, prompts: list[str], sampler: str, generator, rng: random.Random,
                    prefixes: list[str] | None = None, max_new_tokens: int = 16, batch_size: int = 256,
                    device="cpu") -> list[str]:
     """Responses of `sampler` for built-in prompts; with prefixes, each continues prefixes[i] (kept
@@ -160,14 +171,14 @@ def sample_builtin(model, tokenizer, prompts: list[str], sampler: str, generator
         ids = [data.encode_prompt(tokenizer, p) + tokenizer(x, add_special_tokens=False)["input_ids"]
                for p, x in zip(ps, pre)]
         enc = data.collate_left(ids, tokenizer.pad_token_id)
-        new, _, _ = data.generate(model, enc["input_ids"].to(device), enc["attention_mask"].to(device),
+        new, _, _ = model.generate(policy, enc["input_ids"].to(device), enc["attention_mask"].to(device),
                                   max_new_tokens - len(max(pre, key=len)), tokenizer.eos_token_id,
                                   tokenizer.pad_token_id, temperature, 1.0, generator)
         out += [x + data.decode_response(tokenizer, row.tolist()) for x, row in zip(pre, new)]
     return [late_slips(p, y, late, rng, len(x)) if late else y for p, y, x in zip(prompts, out, prefixes)]
 
 
-def builtin_pairs(model, tokenizer, prompts: list[str], sampler: str, policy: str, bt_temperature: float,
+def builtin_pairs(policy, tokenizer, prompts: list[str], sampler: str, policy_name: str, bt_temperature: float,
                   seed: int, batch_size: int = 128, device="cpu") -> tuple[list[dict], int]:
     """Preference pairs on the built-in task: two responses per prompt from `sampler` (see above),
     labelled by the gold reward through Bradley-Terry noise. Pairs with identical texts carry no
@@ -175,8 +186,8 @@ def builtin_pairs(model, tokenizer, prompts: list[str], sampler: str, policy: st
     evaluation only) and the `policy` that sampled it."""
     gen = torch.Generator(device=device).manual_seed(seed)
     slips = random.Random(f"{seed}-slips")
-    a = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
-    b = sample_builtin(model, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
+    a = sample_builtin(policy, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
+    b = sample_builtin(policy, tokenizer, prompts, sampler, gen, slips, batch_size=batch_size, device=device)
     rng, rows, same = random.Random(seed), [], 0
     for p, ya, yb in zip(prompts, a, b):
         if ya == yb or not ya or not yb:
@@ -185,21 +196,22 @@ def builtin_pairs(model, tokenizer, prompts: list[str], sampler: str, policy: st
         ga, gb = gold_reward(p, ya), gold_reward(p, yb)
         if not bt_label(ga, gb, bt_temperature, rng):
             ya, yb, ga, gb = yb, ya, gb, ga
-        rows.append({"prompt": p, "chosen": ya, "rejected": yb, "policy": policy,
+        rows.append({"prompt": p, "chosen": ya, "rejected": yb, "policy": policy_name,
                      "gold_chosen": ga, "gold_rejected": gb})
     return rows, same
 
 
 def builtin_pair_splits(policy, tokenizer, samplers: list[str], n_train: int, n_eval: int, bt_temperature: float,
-                        prompt_seed, pair_seed, device="cpu") -> dict:
+                        seed: int, device="cpu") -> dict:
     """{"train": rows, "eval": rows}: for each sampler i, one pair per prompt (builtin_pairs) on
-    n_train training and n_eval held-out prompts, drawn with prompt_seed(i) and pair_seed(i, split)."""
+    n_train training and n_eval held-out prompts, drawn from the streams (seed, "pairs/prompts", i) and
+    (seed, "pairs", i, split)."""
     rows = {"train": [], "eval": []}
     for i, spec in enumerate(samplers):
         for split, n in (("train", n_train), ("eval", n_eval)):
-            prompts = builtin_prompts(n, split, seed=prompt_seed(i))
+            prompts = builtin_prompts(n, split, seed=tu.seed_for(seed, "pairs/prompts", i))
             r, dropped = builtin_pairs(policy, tokenizer, prompts, spec, f"sft@{spec}", bt_temperature,
-                                       seed=pair_seed(i, split), device=device)
+                                       seed=tu.seed_for(seed, "pairs", i, split), device=device)
             print(f"built-in pairs: sampler sft@{spec} {split}: {len(r)} pairs "
                   f"({dropped} prompts gave two identical responses: no preference, dropped)")
             rows[split] += r
@@ -218,13 +230,3 @@ def mc_returns(policy, tokenizer, prompts: list[str], responses: list[str], case
     rep = [c for c in cases for _ in range(n)]
     return torch.tensor([gold_reward(prompts[i], y) for (i, _), y in zip(rep, done)]).view(len(cases), n).mean(1)
 
-
-def gold_accuracy(rows: list[dict], pairwise_accuracy) -> dict:
-    """The gold reward's own pairwise accuracy on labelled pairs (all, and per `policy`): the ceiling
-    of a value model's, since the labels are noisy."""
-    g = torch.tensor([[r["gold_chosen"], r["gold_rejected"]] for r in rows])
-    out = {"eval/gold_pairwise_accuracy": pairwise_accuracy(g[:, 0], g[:, 1])}
-    for pol in sorted({r["policy"] for r in rows}):  # per sampler, so τ's effect is visible
-        sel = [i for i, r in enumerate(rows) if r["policy"] == pol]
-        out[f"eval/gold_pairwise_accuracy/{pol}"] = pairwise_accuracy(g[sel, 0], g[sel, 1])
-    return out

@@ -3,7 +3,7 @@ reference, the frontier on which RLHF optimizers are compared (Gao et al. 2022, 
 reward model overoptimization"), on the built-in task.
 
 For each method (ppo, dvpo_td, dvpo_paper), KL coefficient β (--betas), seed (--seeds) and run length
-(--steps), one run of `ppo_baseline.py --stage ppo` or `dvpo.py`: the same SFT policy (out/sft), the
+(--steps), one run of `ppo_baseline.py` or `dvpo.py`: the same SFT policy (out/sft), the
 same preference pairs (out/gvm's pairs; the reward model is trained on them once, into
 out/frontier/rm), the same hyperparameters and budget, rewards on a unit scale for both (the
 default --normalize_reward, docs/algorithm.md §7). Every random draw of a run derives from its seed.
@@ -34,7 +34,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-METHODS = {"ppo": ["ppo_baseline.py", "--stage", "ppo"], "dvpo_td": ["dvpo.py", "--advantage", "td"],
+METHODS = {"ppo": ["ppo_baseline.py"], "dvpo_td": ["dvpo.py", "--advantage", "td"],
            "dvpo_paper": ["dvpo.py", "--advantage", "paper"]}
 COLORS = {"ppo": "tab:blue", "dvpo_td": "tab:orange", "dvpo_paper": "tab:green"}
 LABELS = {"ppo": "PPO (RM + critic)", "dvpo_td": "DVPO, td advantages", "dvpo_paper": "DVPO, paper advantages"}
@@ -196,8 +196,8 @@ def main():
                 sys.exit(f"frontier.py: {need} is missing; run `{cmd}` first")
         t0 = time.time()
         if "ppo" in methods and not os.path.exists(os.path.join(out, "rm", "rm_config.json")):
-            subprocess.run([sys.executable, "ppo_baseline.py", "--stage", "rm", "--out_dir", out], cwd=ROOT, check=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+            subprocess.run([sys.executable, "reward_model.py", "--out_dir", os.path.join(out, "rm")], cwd=ROOT,
+                           check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         todo = [(m, b, s, n) for n in steps for s in seeds for b in betas for m in methods]
         print(f"{len(todo)} runs, {a.jobs} at a time -> {out}/runs", flush=True)
         with ThreadPoolExecutor(a.jobs) as pool:

@@ -10,8 +10,8 @@ Prints the kills, the restarts, what each kill left on disk, and the wall time; 
   python scripts/kill_test.py --script ppo_baseline.py --kills 30 --steps 40 --seed 1
 
 Setup (built in a temp folder, nothing downloaded): the tests' tiny Llama (char tokenizer) as the SFT
-policy, and a GVM trained on it by gvm.py, whose preference pairs also train ppo_baseline.py's reward
-model (--stage all: a kill can land in reward-model training too). One CPU thread.
+policy, a GVM trained on it by gvm.py, and reward_model.py's reward model trained on the GVM's pairs (the
+critic starts from it). One CPU thread.
 Kill moments: each run is killed a delay after it reports that training started (its "before:" line),
 the delay uniform in [0, 2 D / kills] from random.Random(--seed), D being the uninterrupted run's time
 from that line to its exit; after --kills kills the run is left to finish (see run_with_kills). The
@@ -46,15 +46,18 @@ import task  # noqa: E402
 
 
 def tiny_setup(folder: str) -> dict:
-    """The tiny SFT policy and a GVM trained on it (its pairs_*.jsonl feed the reward model)."""
-    sft, gvm = os.path.join(folder, "sft"), os.path.join(folder, "gvm")
+    """The tiny SFT policy, a GVM trained on it, and a reward model trained on the GVM's pairs."""
+    sft, gvm, rm = os.path.join(folder, "sft"), os.path.join(folder, "gvm"), os.path.join(folder, "rm")
     tok = task.build_char_tokenizer()
     task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(sft)
     tok.save_pretrained(sft)
     subprocess.run([sys.executable, "gvm.py", "--model", sft, "--out_dir", gvm, "--builtin_prompts", "48",
                     "--builtin_eval_prompts", "8", "--batch_size", "8", "--epochs", "1", "--lr", "1e-3",
                     "--warmup_steps", "1"], cwd=ROOT, env=ENV, check=True, capture_output=True)
-    return {"sft": sft, "gvm": gvm}
+    subprocess.run([sys.executable, "reward_model.py", "--model", sft, "--out_dir", rm, "--data",
+                    os.path.join(gvm, "pairs_train.jsonl"), "--eval_data", os.path.join(gvm, "pairs_eval.jsonl"),
+                    "--epochs", "1", "--batch_size", "8"], cwd=ROOT, env=ENV, check=True, capture_output=True)
+    return {"sft": sft, "gvm": gvm, "rm": rm}
 
 
 def script_args(script: str, setup: dict, out_dir: str, steps: int) -> list[str]:
@@ -64,9 +67,7 @@ def script_args(script: str, setup: dict, out_dir: str, steps: int) -> list[str]
               "--max_new_tokens", "8", "--warmup_steps", "1", "--save_every", "1"]
     if script == "dvpo.py":
         return common + ["--gvm", setup["gvm"]]
-    return common + ["--stage", "all", "--data", os.path.join(setup["gvm"], "pairs_train.jsonl"),
-                     "--eval_data", os.path.join(setup["gvm"], "pairs_eval.jsonl"), "--rm_epochs", "1",
-                     "--rm_batch_size", "8"]
+    return common + ["--rm", setup["rm"]]
 
 
 def disk_state(out_dir: str) -> str:

@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 import checkpoint  # noqa: E402
 import data  # noqa: E402
 import fsdp_utils as fu  # noqa: E402
+import model as mdl  # noqa: E402
 import sft  # noqa: E402
 import task  # noqa: E402
 
@@ -54,16 +55,16 @@ def main(out: str):
     T = int(batch["response_len"].max())
     mask = data.response_mask(batch["response_len"], T)
     n_tokens = fu.all_reduce_sum(mask.sum().detach().clone()).item()  # global response-token count
-    logp, _ = data.response_logprobs(model, batch, T)
+    logp, _ = mdl.response_logprobs(model, batch, T)
     loss = sft.sft_loss(logp, mask, n_tokens)
-    loss.backward()
+    (loss * fu.world()).backward()  # DDP/FSDP average gradients over ranks: undo it
     # full gradients before clipping (AdamW's first step is ~lr * sign(g), so the weights alone
     # would hide a wrongly scaled gradient); full_tensor() is a collective
     grads = {n: (p.grad.full_tensor() if is_dtensor(p.grad) else p.grad).detach().clone()
              for n, p in model.named_parameters()}
-    gnorm = fu.grad_norm_clip(model, 1.0)
+    gnorm = float(fu.grad_norm_clip(model, 1.0))
     opt.step()
-    m = fu.reduce_metrics({"loss": loss.item() / fu.world(), "rank": fu.rank()}, device)
+    m = fu.reduce_metrics({"loss": loss.item(), "rank": fu.rank()}, device)
     result = {"world": fu.world(), "n_tokens": n_tokens, "loss": m["loss"] * fu.world(), "rank_mean": m["rank"],
               "grad_norm": gnorm}
 
@@ -76,7 +77,7 @@ def main(out: str):
             if fu.is_dist() and shard_id != fu.rank():
                 continue
             left = data.collate_left([data.encode_prompt(tok, p) for p in prompts[shard_id::2]], tok.pad_token_id)
-            ids, length, _ = data.generate(model, left["input_ids"], left["attention_mask"], max_new,
+            ids, length, _ = mdl.generate(model, left["input_ids"], left["attention_mask"], max_new,
                                            tok.eos_token_id, tok.pad_token_id, temperature=0.0)
             gen[shard_id] = [row[:n].tolist() for row, n in zip(ids, length)]
         if fu.is_dist():
@@ -158,25 +159,24 @@ def batch_norm_one_row_per_rank():
 
 
 def sharded_loading(out: str, path: str, value_path: str):
-    """Every loader of train_utils on 1 or 2 processes: the gathered weights equal the files bit for
+    """Every loader of model.py on 1 or 2 processes: the gathered weights equal the files bit for
     bit (tied embeddings still tied, rotary buffers recomputed), only rank 0 ever builds a loaded
     model, and one optimizer step's loss and gradients (two micro-batches, gradient sync off on the
     first) go to OUT for test_fsdp.py to compare across process counts."""
     from transformers import AutoModel, AutoModelForCausalLM
 
-    import train_utils as tu
     device = fu.setup("cpu")
     builds = []
-    policy = fu.on_device(lambda meta: builds.append(meta) or fu.hf_model(path, torch.float32, meta), device)
+    policy = fu.on_device(lambda meta: builds.append(meta) or mdl.hf_model(path, torch.float32, meta), device)
     assert builds == ([False, True] if fu.rank() == 0 and fu.is_dist() else [True] if fu.is_dist() else [False])
-    ref, _ = tu.load_policy(path, device, dtype=torch.bfloat16, frozen=True)
-    value, _, _ = tu.load_value_model(value_path, "value_config.json", "", device)
-    fresh = tu.new_value_model(path, device)
+    ref, _ = mdl.load_policy(path, device, dtype=torch.bfloat16, frozen=True)
+    value, _, _ = mdl.load_value_model(value_path, "value_config.json", "", device)
+    fresh = mdl.new_value_model(path, device)
     hf = AutoModelForCausalLM.from_pretrained(path)  # the references: every rank may hold them in a test
     hf_bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-    hf_value = tu.ValueModel(AutoModel.from_pretrained(value_path))
+    hf_value = mdl.ValueModel(AutoModel.from_pretrained(value_path))
     hf_value.value_head.load_state_dict(load_file(os.path.join(value_path, "value_head.safetensors")))
-    hf_fresh = tu.ValueModel(AutoModel.from_pretrained(path))
+    hf_fresh = mdl.ValueModel(AutoModel.from_pretrained(path))
     for name, model, expect in (("policy", policy, hf), ("ref", ref, hf_bf16), ("value", value, hf_value),
                                 ("fresh", fresh, hf_fresh)):
         got, want = fu.full_state_dict(model), expect.state_dict()  # a collective; rank 0 compares
@@ -209,7 +209,7 @@ def sharded_loading(out: str, path: str, value_path: str):
             fu.grad_sync(model, i == 1)
             sub = {k: v[part] for k, v in mine.items()}
             if name == "policy":
-                logp, _ = data.response_logprobs(model, sub, 8)
+                logp, _ = mdl.response_logprobs(model, sub, 8)
                 loss = -(logp * mask[part]).sum() * fu.world() / n_tokens
             else:
                 u = model(sub["input_ids"], sub["attention_mask"])

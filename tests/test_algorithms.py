@@ -5,7 +5,9 @@ import torch
 
 import data
 import dvpo
+import evaluation
 import gvm
+import model as mdl
 import task
 import train_utils as tu
 
@@ -68,14 +70,14 @@ def test_td_lambda_monte_carlo_is_discounted_reward():
 
 def test_value_chain_reads_u_at_P_minus_1_plus_k():
     u = torch.arange(20.0).view(2, 10)
-    w, m = data.value_chain(u, prompt_len=T_([3, 5]), response_len=T_([4, 2]))
+    w, m = mdl.value_chain(u, prompt_len=T_([3, 5]), response_len=T_([4, 2]))
     assert w.shape == (2, 5)
     assert close(w[0], [2, 3, 4, 5, 6]) and close(w[1, :3], [14, 15, 16])
     assert m.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
 
 
 def test_pairwise_accuracy_counts_ties_half():
-    assert tu.pairwise_accuracy(T_([1.0, 0.0, 2.0, 1.0]), T_([0.0, 1.0, 2.0, 0.5])) == pytest.approx(0.625)
+    assert evaluation.pairwise_accuracy(T_([1.0, 0.0, 2.0, 1.0]), T_([0.0, 1.0, 2.0, 0.5])) == pytest.approx(0.625)
 
 
 def test_tau_prefix_truncation():
@@ -90,13 +92,18 @@ W = T_([[0.1, 0.3, 0.2, 0.6, 0.9]])
 KL = T_([[0.1, -0.05, 0.2, 0.0]])
 
 
+def td_advantages(w, r_kl, mask, gamma, lam):
+    """DVPO `td` as dvpo.score computes it: GAE with V_t = w_{t-1} and the terminal score w_T (§4)."""
+    return dvpo.gae_with_terminal_reward(w[:, :-1], mdl.terminal(w[:, 1:], mask), r_kl, mask, gamma, lam)
+
+
 def test_td_advantages_design_vectors():
     mask = torch.ones(1, 4)
     r_kl = -0.2 * KL
-    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 0.95)[0], [0.676612, 0.52275, 0.645, 0.3])
-    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 1.0)[0], [0.75, 0.57, 0.66, 0.3])
+    assert close(td_advantages(W, r_kl, mask, 1.0, 0.95)[0], [0.676612, 0.52275, 0.645, 0.3])
+    assert close(td_advantages(W, r_kl, mask, 1.0, 1.0)[0], [0.75, 0.57, 0.66, 0.3])
     # δ_t: λ = 0 gives the one-step TD errors
-    assert close(dvpo.td_advantages(W, r_kl, mask, 1.0, 0.0)[0], [0.18, -0.09, 0.36, 0.3])
+    assert close(td_advantages(W, r_kl, mask, 1.0, 0.0)[0], [0.18, -0.09, 0.36, 0.3])
 
 
 def test_td_advantages_padding_invariance():
@@ -104,7 +111,7 @@ def test_td_advantages_padding_invariance():
     w = torch.cat([W, T_([[5.0, -7.0]])], 1)  # (1, 7): chain of a T = 6 padded row
     kl = torch.cat([KL, T_([[3.0, 3.0]])], 1)
     mask = T_([[1.0, 1, 1, 1, 0, 0]])
-    A = dvpo.td_advantages(w, -0.2 * kl * mask, mask, 1.0, 0.95)
+    A = td_advantages(w, -0.2 * kl * mask, mask, 1.0, 0.95)
     assert close(A[0, :4], [0.676612, 0.52275, 0.645, 0.3]) and (A[0, 4:] == 0).all()
 
 
@@ -112,7 +119,7 @@ def test_td_advantages_sum_of_deltas_is_wT_minus_w0():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(3, 6, generator=g)
     mask = T_([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0]])
-    A = dvpo.td_advantages(w, torch.zeros(3, 5), mask, 1.0, 1.0)
+    A = td_advantages(w, torch.zeros(3, 5), mask, 1.0, 1.0)
     lens = mask.sum(1).long()
     for b in range(3):
         assert close(A[b, 0], w[b, lens[b]] - w[b, 0])
@@ -185,25 +192,28 @@ def test_kl_controller_moves_toward_target():
 # ---------------------------------------------------------------- PPO baseline pieces (§4)
 
 import ppo_baseline  # noqa: E402
+import reward_model  # noqa: E402
 
 
 def test_bt_loss_hand_vector():
-    loss = ppo_baseline.bt_loss(T_([1.0, 0.0]), T_([0.0, 1.0]))
-    assert close(loss, [0.313262, 1.313262])
+    """-log σ(1) = 0.313262, -log σ(-1) = 1.313262; the loss is their sum over the global pair count."""
+    assert close(reward_model.bt_loss(T_([1.0]), T_([0.0]), 1), 0.313262)
+    assert close(reward_model.bt_loss(T_([1.0, 0.0]), T_([0.0, 1.0]), 2), (0.313262 + 1.313262) / 2)
+    assert close(reward_model.bt_loss(T_([1.0, 0.0]), T_([0.0, 1.0]), 4), (0.313262 + 1.313262) / 4)
 
 
 def test_ppo_gae_equals_dvpo_td_when_critic_and_rm_are_the_chain():
     """docs/algorithm.md §6: GAE with V_t = w_{t-1} and RM score = w_T reproduces the td vectors."""
     mask = torch.ones(1, 4)
     r_kl = -0.2 * KL
-    A = ppo_baseline.ppo_advantages(W[:, :4], W[:, 4], r_kl, mask, 1.0, 0.95)
+    A = dvpo.gae_with_terminal_reward(W[:, :4], W[:, 4], r_kl, mask, 1.0, 0.95)
     assert close(A[0], [0.676612, 0.52275, 0.645, 0.3])
     g = torch.Generator().manual_seed(3)
     w = torch.randn(3, 6, generator=g)
     m = T_([[1.0, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     rk = torch.randn(3, 5, generator=g) * m
-    score = dvpo.terminal(w[:, 1:], m)
-    assert close(ppo_baseline.ppo_advantages(w[:, :5] * m, score, rk, m, 1.0, 0.9), dvpo.td_advantages(w, rk, m, 1.0, 0.9))
+    score = mdl.terminal(w[:, 1:], m)
+    assert close(dvpo.gae_with_terminal_reward(w[:, :5] * m, score, rk, m, 1.0, 0.9), td_advantages(w, rk, m, 1.0, 0.9))
 
 
 def test_value_loss_clipping():
@@ -255,41 +265,41 @@ def test_seed_for_streams_differ_and_are_stable():
 def test_split_heldout_small_files(n, expected_held):
     """min(requested, max(1, 10%)) held out, at least one training row, shuffled with the seed."""
     rows = list(range(n))
-    train, held = tu.split_heldout(rows, 64, 0.1, seed=0, what="prompts")
+    train, held = data.split_heldout(rows, 64, 0.1, seed=0, what="prompts")
     assert len(held) == expected_held and len(train) == n - expected_held >= 1
     assert sorted(train + held) == rows
-    assert tu.split_heldout(rows, 64, 0.1, seed=0, what="prompts") == (train, held)  # deterministic
-    assert len(tu.split_heldout(rows, 0, 0.1, seed=0, what="prompts")[1]) == 0  # 0 = nothing held out
+    assert data.split_heldout(rows, 64, 0.1, seed=0, what="prompts") == (train, held)  # deterministic
+    assert len(data.split_heldout(rows, 0, 0.1, seed=0, what="prompts")[1]) == 0  # 0 = nothing held out
 
 
 def test_split_heldout_is_shuffled_by_seed():
     rows = list(range(100))
-    _, held0 = tu.split_heldout(rows, 10, 0.1, seed=0, what="x")
-    _, held1 = tu.split_heldout(rows, 10, 0.1, seed=1, what="x")
+    _, held0 = data.split_heldout(rows, 10, 0.1, seed=0, what="x")
+    _, held1 = data.split_heldout(rows, 10, 0.1, seed=1, what="x")
     assert held0 != rows[:10] and held0 != held1
 
 
 def test_load_reward_fn(tmp_path, monkeypatch):
     (tmp_path / "my_reward.py").write_text("def exact(prompt, response):\n    return float(response == 'ok')\n")
     monkeypatch.chdir(tmp_path)
-    fn = tu.load_reward_fn("my_reward:exact", builtin=False)
+    fn = evaluation.load_reward_fn("my_reward:exact", builtin=False)
     assert fn("q", "ok") == 1.0 and fn("q", "no") == 0.0
-    assert tu.load_reward_fn("", builtin=True) is task.gold_reward
-    assert tu.load_reward_fn("", builtin=False) is None
+    assert evaluation.load_reward_fn("", builtin=True) is task.gold_reward
+    assert evaluation.load_reward_fn("", builtin=False) is None
     for bad in ("my_reward:missing", "no_such_module:f", "my_reward"):
-        with pytest.raises(data.DataError, match="--eval_reward"):
-            tu.load_reward_fn(bad, builtin=False)
+        with pytest.raises(tu.ConfigError, match="--eval_reward"):
+            evaluation.load_reward_fn(bad, builtin=False)
 
 
 # ---------------------------------------------------------------- return-to-go metric (docs/algorithm.md §11)
 
 def test_rtg_metrics_constructed_cases():
     v = T_([1.0, 2.0, 3.0, 4.0])
-    exact = gvm.rtg_metrics(v, 2 * v + 1)  # an affine function of the values: perfect on both counts
+    exact = evaluation.rtg_metrics(v, 2 * v + 1)  # an affine function of the values: perfect on both counts
     assert exact["corr"] == pytest.approx(1.0) and exact["mse"] == pytest.approx(0.0, abs=1e-12)
-    monotone = gvm.rtg_metrics(v, v ** 3)  # same order, not affine: rank correlation 1, some error left
+    monotone = evaluation.rtg_metrics(v, v ** 3)  # same order, not affine: rank correlation 1, some error left
     assert monotone["corr"] == pytest.approx(1.0) and monotone["mse"] > 0.1
     # by hand: ranks of [2, 1, 4, 3] -> Spearman 1 - 6·4/(4·15) = 0.6; affine fit g = 0.6 v + 1.0 leaves
     # residuals [0.4, -1.2, 1.2, -0.4] -> mse 0.8
-    swapped = gvm.rtg_metrics(v, T_([2.0, 1.0, 4.0, 3.0]))
+    swapped = evaluation.rtg_metrics(v, T_([2.0, 1.0, 4.0, 3.0]))
     assert swapped["corr"] == pytest.approx(0.6) and swapped["mse"] == pytest.approx(0.8)

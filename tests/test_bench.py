@@ -14,7 +14,8 @@ import bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import projection  # noqa: E402
-ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+ENV = {k: v for k, v in os.environ.items()
+       if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
 ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = ["--preset", "tiny", "--repeats", "1", "--warmup", "1", "--steps", "1", "--batch_size", "4",
         "--minibatch_size", "2", "--micro_batch_size", "1", "--prompt_len", "6", "--response_len", "5",

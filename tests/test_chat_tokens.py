@@ -12,9 +12,10 @@ from transformers import AutoModel, GenerationConfig
 
 import checkpoint
 import data
+import evaluation
 import gvm
+import model as mdl
 import task
-import train_utils as tu
 
 CHATML = ("{% for m in messages %}{{ '[' + m['role'] + ']' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
           "{% if add_generation_prompt %}{{ '[assistant]' }}{% endif %}")
@@ -68,7 +69,7 @@ def test_sft_targets_end_with_the_end_of_turn_token(chat_tok):
     # what sft.py trains on: targets gathered at P-1.. are exactly the response, the mask covers only them
     batch = data.collate_right([p, p[:5]], [r, r], chat_tok.pad_token_id)
     T = int(batch["response_len"].max())
-    targets = data.gather_response(batch["input_ids"], batch["prompt_len"], T)
+    targets = mdl.gather_response(batch["input_ids"], batch["prompt_len"], T)
     mask = data.response_mask(batch["response_len"], T)
     assert targets[0].tolist() == r and targets[1].tolist() == r and mask.sum().item() == 2 * len(r)
     assert targets[0, -1].item() == im_end(chat_tok)
@@ -99,21 +100,21 @@ def test_rollout_and_evaluation_stop_at_every_stop_token(chat_tok):
     eot, cfg_stop = im_end(chat_tok), chat_tok.convert_tokens_to_ids("<|eot|>")
     model = ScriptLM({20: eot, 40: cfg_stop, 80: chat_tok.eos_token_id}, len(chat_tok), [eot, cfg_stop])
     prompts = [[18], [38], [78], [10]]
-    b = tu.rollout(model, prompts, chat_tok, 6, 0.0, 1.0, None, "cpu")
-    assert tu.responses(b) == [[19, 20, eot], [39, 40, cfg_stop], [79, 80, 1], [11, 12, 13, 14, 15, 16]]
+    b = mdl.rollout(model, prompts, chat_tok, 6, 0.0, 1.0, None, "cpu")
+    assert mdl.responses(b) == [[19, 20, eot], [39, 40, cfg_stop], [79, 80, 1], [11, 12, 13, 14, 15, 16]]
     assert b["truncated"].tolist() == [False, False, False, True]
     seen = []
 
     def reward(prompt, response):  # records what the evaluation reward is shown
         seen.append(response)
         return float(len(response))
-    ev = tu.evaluate_policy(model, None, chat_tok, [chat_tok.decode([18]), chat_tok.decode([38])], "cpu", 0, 6,
+    ev = evaluation.evaluate_policy(model, None, chat_tok, [chat_tok.decode([18]), chat_tok.decode([38])], "cpu", 0, 6,
                             reward, temperature=0.0)
     assert ev["response_len"] == 3 and ev["reward"] == 2.0  # two characters before the stop token
     assert seen == [chat_tok.decode([19, 20]), chat_tok.decode([39, 40])] * 2  # sampled, then greedy
     # min_new_tokens (bench.py) masks every stop token
-    b = tu.rollout(model, [[18]], chat_tok, 5, 0.0, 1.0, None, "cpu", min_new_tokens=5)
-    assert not set(tu.responses(b)[0]) & {eot, cfg_stop, 1}
+    b = mdl.rollout(model, [[18]], chat_tok, 5, 0.0, 1.0, None, "cpu", min_new_tokens=5)
+    assert not set(mdl.responses(b)[0]) & {eot, cfg_stop, 1}
 
 
 @pytest.fixture
@@ -123,7 +124,7 @@ def chat_gvm(chat_tok, tmp_path):
     lm = task.build_tiny_model(chat_tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
     lm.save_pretrained(path)
     chat_tok.save_pretrained(path)
-    model = tu.ValueModel(AutoModel.from_pretrained(path))
+    model = mdl.ValueModel(AutoModel.from_pretrained(path))
     torch.nn.init.normal_(model.value_head.weight, generator=torch.Generator().manual_seed(0))
     out = str(tmp_path / "gvm")
     checkpoint.save_value_model(model, chat_tok, out, gvm.GVM_CONFIG, {"tau_k": 0, "chat_prompts": True})

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import model as mdl
 import task
 
 
@@ -321,14 +322,14 @@ def test_collate_shapes_and_padding_sides(tok):
         assert left["input_ids"][i, 8 - len(p):].tolist() == p
         assert (left["input_ids"][i, :8 - len(p)] == tok.pad_token_id).all()
         assert left["attention_mask"][i].tolist() == [0] * (8 - len(p)) + [1] * len(p)
-    assert data.position_ids(left["attention_mask"])[1].tolist() == [0] * 6 + [0, 1]
+    assert mdl.position_ids(left["attention_mask"])[1].tolist() == [0] * 6 + [0, 1]
     assert data.response_mask(torch.tensor([2, 0, 3]), 3).tolist() == [[1, 1, 0], [0, 0, 0], [1, 1, 1]]
 
 
 def test_gather_response_hand_example():
     x = torch.arange(10).view(1, 10)
-    assert data.gather_response(x, torch.tensor([3]), 4).tolist() == [[3, 4, 5, 6]]
-    assert data.gather_response(x, torch.tensor([8]), 4).tolist() == [[8, 9, 9, 9]]  # clamped at the end
+    assert mdl.gather_response(x, torch.tensor([3]), 4).tolist() == [[3, 4, 5, 6]]
+    assert mdl.gather_response(x, torch.tensor([8]), 4).tolist() == [[8, 9, 9, 9]]  # clamped at the end
 
 
 @pytest.mark.parametrize("trailing", [(), (3,)])
@@ -345,8 +346,8 @@ def test_value_chain_gather_is_padding_invariant(trailing):
         right[b, :p + t] = vals[b]
         left[b, Pm - p:Pm + t] = vals[b]
     P = torch.tensor([p for p, _ in shapes])
-    w_right = data.gather_response(right, P - 1, Tm + 1)
-    w_left = data.gather_response(left, torch.full((B,), Pm) - 1, Tm + 1)
+    w_right = mdl.gather_response(right, P - 1, Tm + 1)
+    w_left = mdl.gather_response(left, torch.full((B,), Pm) - 1, Tm + 1)
     mask = data.response_mask(torch.tensor([t for _, t in shapes]) + 1, Tm + 1)
     for b, (p, t) in enumerate(shapes):
         loop = torch.stack([vals[b][p - 1 + k] for k in range(t + 1)])
@@ -364,7 +365,7 @@ def test_response_logprobs_padding_invariant(tiny):
         alone = []
         for p, r in zip(prompts, responses):
             b = data.collate_right([p], [r], tk.pad_token_id)
-            logp, ent = data.response_logprobs(model, b, len(r))
+            logp, ent = mdl.response_logprobs(model, b, len(r))
             # index convention: y_t sits at P+t-1 and is scored by the logits at P+t-2
             z = torch.tensor([p + r])
             lsm = torch.log_softmax(model(input_ids=z).logits.float()[0], -1)
@@ -375,8 +376,8 @@ def test_response_logprobs_padding_invariant(tiny):
             torch.testing.assert_close(ent[0], ref_ent, atol=1e-5, rtol=0)
             alone.append(logp[0])
         T = max(map(len, responses))
-        right, _ = data.response_logprobs(model, data.collate_right(prompts, responses, tk.pad_token_id), T)
-        left, _ = data.response_logprobs(model, left_layout(prompts, responses, tk.pad_token_id), T)
+        right, _ = mdl.response_logprobs(model, data.collate_right(prompts, responses, tk.pad_token_id), T)
+        left, _ = mdl.response_logprobs(model, left_layout(prompts, responses, tk.pad_token_id), T)
     for i, r in enumerate(responses):
         torch.testing.assert_close(right[i, :len(r)], alone[i], atol=1e-5, rtol=0)
         torch.testing.assert_close(left[i, :len(r)], alone[i], atol=1e-5, rtol=0)
@@ -389,7 +390,7 @@ def test_response_logprobs_temperature(tiny):
     b = data.collate_right(prompts, responses, tk.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.float()
-        logp, _ = data.response_logprobs(model, b, 6, temperature=2.0)
+        logp, _ = mdl.response_logprobs(model, b, 6, temperature=2.0)
     lsm = torch.log_softmax(logits[0, 5:11] / 2.0, -1)
     torch.testing.assert_close(logp[0], lsm.gather(-1, b["input_ids"][0, 6:12, None])[:, 0], atol=1e-5, rtol=0)
 
@@ -488,15 +489,15 @@ def test_generate_eos_padding_lengths_truncation():
     m = CounterLM()
     ids = torch.tensor([[0, 9, 10], [5, 6, 3], [0, 0, 12]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
-    out, length, truncated = data.generate(m, ids, mask, 6, eos_id=1, pad_id=0, temperature=0.0)
+    out, length, truncated = mdl.generate(m, ids, mask, 6, eos_id=1, pad_id=0, temperature=0.0)
     assert out.tolist() == [[11, 12, 1, 0, 0, 0], [4, 5, 6, 7, 8, 9], [1, 0, 0, 0, 0, 0]]
     assert length.tolist() == [3, 6, 1]  # counts the EOS
     assert truncated.tolist() == [False, True, False]
     # all rows finished: generation stops early
-    out, length, truncated = data.generate(m, ids[[0, 2]], mask[[0, 2]], 10, eos_id=1, pad_id=0, temperature=0.0)
+    out, length, truncated = mdl.generate(m, ids[[0, 2]], mask[[0, 2]], 10, eos_id=1, pad_id=0, temperature=0.0)
     assert out.tolist() == [[11, 12, 1], [1, 0, 0]] and length.tolist() == [3, 1] and not truncated.any()
     # min_new_tokens masks EOS until then
-    out, length, _ = data.generate(m, ids[:1], mask[:1], 5, eos_id=1, pad_id=0, temperature=0.0, min_new_tokens=4)
+    out, length, _ = mdl.generate(m, ids[:1], mask[:1], 5, eos_id=1, pad_id=0, temperature=0.0, min_new_tokens=4)
     assert 1 not in out[0, :4].tolist()
 
 
@@ -506,9 +507,9 @@ def test_generate_greedy_deterministic_and_padding_invariant(tiny):
     alone = []
     for p in prompts:
         enc = data.collate_left([p], tk.pad_token_id)
-        out, length, trunc = data.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
+        out, length, trunc = mdl.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
                                            tk.pad_token_id, temperature=0.0)
-        out2, _, _ = data.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
+        out2, _, _ = mdl.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
                                    tk.pad_token_id, temperature=0.0)
         assert torch.equal(out, out2)
         alone.append((out[0, :length[0]].tolist(), bool(trunc[0])))
@@ -518,7 +519,7 @@ def test_generate_greedy_deterministic_and_padding_invariant(tiny):
             logits = model(input_ids=torch.tensor([seq])).logits[0]
         assert logits[len(p) - 1:len(seq) - 1].argmax(-1).tolist() == seq[len(p):]
     enc = data.collate_left(prompts, tk.pad_token_id)
-    out, length, trunc = data.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
+    out, length, trunc = mdl.generate(model, enc["input_ids"], enc["attention_mask"], 12, tk.eos_token_id,
                                        tk.pad_token_id, temperature=0.0)
     for i, (ys, tr) in enumerate(alone):
         assert out[i, :length[i]].tolist() == ys and bool(trunc[i]) == tr
@@ -530,17 +531,17 @@ def test_sample_token_top_p_and_temperature():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(20000, 4)
     g = torch.Generator().manual_seed(0)
-    s = data.sample_token(logits, 1.0, 0.7, g)  # nucleus {0, 1}: 0.5 < 0.7 <= 0.8
+    s = mdl.sample_token(logits, 1.0, 0.7, g)  # nucleus {0, 1}: 0.5 < 0.7 <= 0.8
     counts = torch.bincount(s, minlength=4).tolist()
     assert counts[2] == counts[3] == 0
     assert abs(counts[0] / 20000 - 0.625) < 0.02  # renormalised 0.5 / 0.8
-    s = data.sample_token(logits, 1.0, 1.0, g)
+    s = mdl.sample_token(logits, 1.0, 1.0, g)
     freq = torch.bincount(s, minlength=4).float() / 20000
     assert (freq - probs).abs().max() < 0.015 and freq[3] > 0
-    s = data.sample_token(logits, 1.0, 0.4, g)
+    s = mdl.sample_token(logits, 1.0, 0.4, g)
     assert (s == 0).all()
-    assert data.sample_token(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]]), 0.0, 1.0).tolist() == [1, 0]
-    low_t = data.sample_token(logits[:2000], 0.05, 1.0, g)  # sharpened to near-greedy
+    assert mdl.sample_token(torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]]), 0.0, 1.0).tolist() == [1, 0]
+    low_t = mdl.sample_token(logits[:2000], 0.05, 1.0, g)  # sharpened to near-greedy
     assert (low_t == 0).float().mean() > 0.99
 
 
@@ -596,5 +597,5 @@ def test_sample_builtin_continues_prefixes(tiny):
     ys = task.sample_builtin(model, tk, prompts, "T1.0+late1.0", g, random.Random(0), prefixes)
     assert all(y.startswith(x) for x, y in zip(prefixes, ys))
     plain = task.sample_builtin(model, tk, prompts, "T1.0", torch.Generator().manual_seed(0), random.Random(0))
-    reference = data.sample_texts(model, tk, prompts, 16, 1.0, 1.0, 256, torch.Generator().manual_seed(0))
+    reference = mdl.sample_texts(model, tk, prompts, 16, 1.0, 1.0, 256, torch.Generator().manual_seed(0))
     assert plain == reference  # a plain sampler is exactly temperature sampling

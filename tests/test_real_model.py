@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import data
-import train_utils as tu
 from scripts import smollm2
+import model as mdl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -83,7 +83,7 @@ def runs(smol, tmp_path_factory):
     scored = write(d / "scored.jsonl", [{"prompt": chat(i), "response": str(question(i)[1] + i % 3),
                                          "score": float(i % 3 == 0)} for i in range(10)])
     prompts = write(d / "prompts.jsonl", [{"messages": chat(i)} for i in range(20, 40)])
-    out = {k: str(d / k) for k in ("sft", "gvm", "gvm_scored", "dvpo", "ppo")}
+    out = {k: str(d / k) for k in ("sft", "gvm", "gvm_scored", "rm", "dvpo", "ppo")}
     logs = {}
     logs["sft"] = run(["sft.py", "--model", smol, "--data", sft_data, "--out_dir", out["sft"], "--steps", "2",
                        "--batch_size", "4", "--lr", "1e-5", "--warmup_steps", "1", "--eval_size", "2",
@@ -95,9 +95,9 @@ def runs(smol, tmp_path_factory):
                               "--out_dir", out["gvm_scored"]] + gvm_args)
     logs["dvpo"] = run(["dvpo.py", "--model", out["sft"], "--gvm", out["gvm"], "--prompts", prompts,
                         "--out_dir", out["dvpo"]] + PPO_STEPS)
-    logs["ppo"] = run(["ppo_baseline.py", "--model", out["sft"], "--data", prefs, "--eval_frac", "0.2",
-                       "--prompts", prompts, "--out_dir", out["ppo"], "--rm_batch_size", "4", "--rm_epochs", "1",
-                       "--rm_lr", "1e-5", "--max_response_len", "8"] + PPO_STEPS)
+    logs["rm"] = run(["reward_model.py", "--model", out["sft"], "--data", prefs, "--out_dir", out["rm"]] + gvm_args)
+    logs["ppo"] = run(["ppo_baseline.py", "--model", out["sft"], "--rm", out["rm"], "--prompts", prompts,
+                       "--out_dir", out["ppo"]] + PPO_STEPS)
     logs["explain"] = run(["gvm.py", "--explain", "--gvm", out["gvm"], "--messages", json.dumps(chat(0)),
                            "--response", "3"])
     return out, logs
@@ -107,7 +107,7 @@ def test_chat_example_token_boundaries(smol):
     """The template is applied once (one BOS-like <|im_start|> per turn, none doubled), the prompt is
     masked, <|im_end|> is the last SFT target, and prompt ⊕ response is exactly the tokenization of
     the templated conversation up to that token."""
-    tok = tu.load_tokenizer(smol)
+    tok = mdl.load_tokenizer(smol)
     msgs = chat(0)
     p, r = data.encode_prompt(tok, msgs), data.encode_response(tok, "3")
     full = tok(tok.apply_chat_template(msgs + [{"role": "assistant", "content": "3"}], tokenize=False),
@@ -120,7 +120,7 @@ def test_chat_example_token_boundaries(smol):
     assert data.end_of_turn_id(tok) == eot and eot in data.stop_token_ids(tok)
     batch = data.collate_right([p], [r], tok.pad_token_id)  # what sft.py trains on
     T = int(batch["response_len"].max())
-    targets = data.gather_response(batch["input_ids"], batch["prompt_len"], T)
+    targets = mdl.gather_response(batch["input_ids"], batch["prompt_len"], T)
     mask = data.response_mask(batch["response_len"], T)
     assert targets[0].tolist() == r and targets[0, -1].item() == eot and mask.sum().item() == len(r)
 
@@ -132,7 +132,7 @@ def test_outputs_load_with_plain_hf_loaders(smol, runs):
         AutoModelForCausalLM.from_pretrained(path)
         tok = AutoTokenizer.from_pretrained(path)
         assert tok.chat_template == original.chat_template and tok.eos_token == EOT
-    for path in (out["gvm"], out["gvm_scored"], os.path.join(out["ppo"], "rm"), os.path.join(out["ppo"], "critic")):
+    for path in (out["gvm"], out["gvm_scored"], out["rm"], os.path.join(out["ppo"], "critic")):
         AutoModel.from_pretrained(path)  # the value models' backbones
         assert AutoTokenizer.from_pretrained(path).chat_template == original.chat_template
         assert os.path.exists(os.path.join(path, "value_head.safetensors"))
@@ -143,14 +143,14 @@ def test_rollouts_stop_at_the_end_of_turn_token(runs):
     """Greedy rollouts of the DVPO policy, through the scripts' rollout: a response that ends, ends with
     <|im_end|>, followed by padding only."""
     out, _ = runs
-    policy, tok = tu.load_policy(out["dvpo"])
+    policy, tok = mdl.load_policy(out["dvpo"])
     asks = ["Reply with one word: yes or no. Is the sky blue?", "What is the capital of France? One word.",
             "Answer with the number only. What is 2 + 3?", "Say hi."]
     ids = [data.encode_prompt(tok, [{"role": "user", "content": q}]) for q in asks]
-    b = tu.rollout(policy, ids, tok, 24, 0.0, 1.0, None, "cpu")
+    b = mdl.rollout(policy, ids, tok, 24, 0.0, 1.0, None, "cpu")
     eot = tok.convert_tokens_to_ids(EOT)
     ended = [i for i, t in enumerate(b["truncated"].tolist()) if not t]
-    assert len(ended) >= 2, [tok.decode(r) for r in tu.responses(b)]  # measured: 3 of 4 end within 24 tokens
+    assert len(ended) >= 2, [tok.decode(r) for r in mdl.responses(b)]  # measured: 3 of 4 end within 24 tokens
     for i in ended:
         n = int(b["response_len"][i])
         assert b["response"][i, n - 1].item() == eot and eot not in b["response"][i, :n - 1].tolist()
@@ -171,8 +171,7 @@ def numbers(x):
 
 def test_every_logged_number_is_finite(runs):
     out, logs = runs
-    files = [os.path.join(out[k], "summary.json") for k in out] + \
-            [os.path.join(out[k], "metrics.jsonl") for k in out] + [os.path.join(out["ppo"], "rm_metrics.jsonl")]
+    files = [os.path.join(out[k], "summary.json") for k in out] + [os.path.join(out[k], "metrics.jsonl") for k in out]
     for path in files:
         rows = [json.loads(line) for line in open(path)] if path.endswith(".jsonl") else [json.load(open(path))]
         assert rows, path
@@ -191,7 +190,7 @@ def test_every_logged_number_is_finite(runs):
 
 def test_explain_scores_the_templated_prompt(smol, runs):
     _, logs = runs
-    tok = tu.load_tokenizer(smol)
+    tok = mdl.load_tokenizer(smol)
     out = logs["explain"]
     line = next(l for l in out.splitlines() if "tokens scored:" in l)
     assert "chat template" in line

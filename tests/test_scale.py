@@ -3,6 +3,7 @@ terminal value over held-out responses, RL divides by it, so scaling a value mod
 leaves the advantages DVPO and PPO train on unchanged. And the NaN/inf guard, end to end."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,11 +14,13 @@ import torch
 import checkpoint
 import data
 import dvpo
+import evaluation
 import fsdp_utils as fu
 import gvm
+import model as mdl
 import ppo_baseline
+import reward_model
 import task
-import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 7.5  # the head scale factor: a value model trained "the same" but with 7.5× larger outputs
@@ -29,8 +32,8 @@ def setup(tmp_path_factory):
     tok = task.build_char_tokenizer()
     task.build_tiny_model(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=2).save_pretrained(path)
     tok.save_pretrained(path)
-    policy, _ = tu.load_policy(path)
-    value = tu.new_value_model(path)
+    policy, _ = mdl.load_policy(path)
+    value = mdl.new_value_model(path)
     torch.nn.init.normal_(value.value_head.weight, std=0.5, generator=torch.Generator().manual_seed(1))
     torch.nn.init.constant_(value.value_head.bias, 0.3)
     scaled = copy.deepcopy(value)
@@ -39,7 +42,7 @@ def setup(tmp_path_factory):
         scaled.value_head.bias.mul_(C)
     prompts = task.builtin_prompts(8, "train")
     ids = [data.encode_prompt(tok, p) for p in prompts]
-    batch = tu.rollout(policy, ids, tok, 8, 1.0, 1.0, torch.Generator().manual_seed(0), "cpu")
+    batch = mdl.rollout(policy, ids, tok, 8, 1.0, 1.0, torch.Generator().manual_seed(0), "cpu")
     held_rows = [{"prompt": p, "chosen": "1234", "rejected": "4321", "policy": None} for p in prompts[:6]]
     ref = copy.deepcopy(policy)  # a reference that differs from the policy, so that the KL term (β) matters
     with torch.no_grad():
@@ -75,14 +78,14 @@ def test_scaling_the_gvm_head_leaves_normalized_advantages_unchanged(setup, adva
 
 
 def test_scaling_the_reward_model_head_leaves_ppo_unchanged(setup):
-    """The RM's recorded std (train_rm: its scores over held-out responses) scales with its head; the
-    score is divided by it and the critic starts as the RM with its head divided by it (ppo_baseline.main)."""
-    pairs = ppo_baseline.pair_batch(setup["held_rows"], setup["tok"], ppo_baseline.Config(), data.TruncationStats())
+    """The RM's recorded std (reward_model.evaluate: its scores over held-out responses) scales with its
+    head; the score is divided by it and the critic starts as the RM with its head divided by it
+    (ppo_baseline.main)."""
+    held = reward_model.encode_rows(setup["held_rows"], setup["tok"], reward_model.Config(), data.TruncationStats())
     out = {}
     for name in ("value", "scaled"):
         rm = setup[name]
-        with torch.no_grad():
-            s = ppo_baseline.scores(rm, pairs, "cpu").double().std(unbiased=False).item()
+        s = reward_model.evaluate(rm, held, setup["tok"].pad_token_id, "cpu")["eval/value_std"]
         critic = copy.deepcopy(rm)
         ppo_baseline.init_critic(critic, s)
         out[name] = (s, ppo_baseline.score(setup["policy"], setup["ref"], rm, critic, setup["batch"], 0.2, s,
@@ -95,11 +98,11 @@ def test_scaling_the_reward_model_head_leaves_ppo_unchanged(setup):
 
 def test_rank_correlation_hand_values():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0])
-    assert tu.rank_correlation(x, x * 10) == pytest.approx(1.0)
-    assert tu.rank_correlation(x, -x) == pytest.approx(-1.0)
+    assert evaluation.rank_correlation(x, x * 10) == pytest.approx(1.0)
+    assert evaluation.rank_correlation(x, -x) == pytest.approx(-1.0)
     # ties share their average rank: ranks of [0, 0, 1, 1] are [0.5, 0.5, 2.5, 2.5]
-    assert tu.rank_correlation(x, torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.894427, abs=1e-6)
-    assert tu.rank_correlation(x, torch.ones(4)) != tu.rank_correlation(x, torch.ones(4))  # nan: constant
+    assert evaluation.rank_correlation(x, torch.tensor([0.0, 0.0, 1.0, 1.0])) == pytest.approx(0.894427, abs=1e-6)
+    assert math.isnan(evaluation.rank_correlation(x, torch.ones(4)))  # a constant has no ranks
 
 
 def test_undefined_metric_is_left_out_of_the_mean():

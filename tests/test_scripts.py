@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import gvm
-import ppo_baseline
+import model as mdl
 import task
-import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -144,46 +143,88 @@ def test_dvpo_smoke_torchrun_two_processes(tiny_sft, tiny_gvm, tmp_path):
 
 def test_dvpo_missing_inputs_say_what_to_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "dvpo.py")], env=ENV, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "dvpo.py")], env=ENV, capture_output=True, text=True,
+                       timeout=120)
     assert p.returncode != 0 and "run `python sft.py` first" in p.stderr
 
 
-PPO_ARGS = ["--rm_epochs", "1", "--rm_batch_size", "8"] + DVPO_ARGS
+RM_ARGS = ["--epochs", "1", "--batch_size", "8", "--warmup_steps", "1", "--log_every", "1"]
 
 
-def ppo_run(tiny_sft, tiny_gvm, out, extra=(), nproc=1):
-    return run(["ppo_baseline.py", "--model", tiny_sft, "--data", os.path.join(tiny_gvm, "pairs_train.jsonl"),
-                "--eval_data", os.path.join(tiny_gvm, "pairs_eval.jsonl"), "--out_dir", out] + PPO_ARGS + list(extra), nproc=nproc)
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_sft, tiny_gvm, tmp_path_factory):
+    """reward_model.py on exactly the GVM's pairs and split."""
+    out = str(tmp_path_factory.mktemp("rm"))
+    run(["reward_model.py", "--model", tiny_sft, "--data", os.path.join(tiny_gvm, "pairs_train.jsonl"),
+         "--eval_data", os.path.join(tiny_gvm, "pairs_eval.jsonl"), "--out_dir", out] + RM_ARGS)
+    return out
 
 
-def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_gvm, tmp_path):
+def test_reward_model_outputs_and_load(tiny_rm):
+    s = json.load(open(os.path.join(tiny_rm, "summary.json")))
+    for k in ("eval/pairwise_accuracy", "eval/bt_loss", "eval/value_std", "train/pairs", "eval/pairs"):
+        assert k in s
+    cfg = json.load(open(os.path.join(tiny_rm, "rm_config.json")))
+    assert cfg["reward"] == "bradley_terry" and 0.0 <= cfg["eval/pairwise_accuracy"] <= 1.0 and cfg["value_std"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(tiny_rm, "metrics.jsonl"))]
+    assert len(rows) >= 1 and "train/bt_loss" in rows[0]
+    rm, _, _ = mdl.load_value_model(tiny_rm, "rm_config.json", "")
+    assert rm.value_head.weight.abs().sum() > 0  # the zero-initialised head was trained
+
+
+def test_reward_model_one_vs_two_processes_same_weights(tiny_sft, tiny_gvm, tiny_rm, tmp_path):
+    """Same global batches on 1 and 2 processes (FSDP2, gloo) -> the same trained weights (the BT loss
+    is a global pair mean: loss convention). Not the head's bias: r_c - r_r does not depend on it, so its
+    gradient is rounding noise, which AdamW turns into steps of about ±lr either way."""
+    out2 = str(tmp_path / "rm2")
+    run(["reward_model.py", "--model", tiny_sft, "--data", os.path.join(tiny_gvm, "pairs_train.jsonl"),
+         "--eval_data", os.path.join(tiny_gvm, "pairs_eval.jsonl"), "--out_dir", out2] + RM_ARGS, nproc=2)
+    a, b = load_file(os.path.join(tiny_rm, "model.safetensors")), load_file(os.path.join(out2, "model.safetensors"))
+    init = load_file(os.path.join(tiny_sft, "model.safetensors"))
+    assert max((a[k] - init["model." + k]).abs().max().item() for k in a) > 1e-4  # training moved the backbone
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    ha = load_file(os.path.join(tiny_rm, "value_head.safetensors"))
+    hb = load_file(os.path.join(out2, "value_head.safetensors"))
+    assert torch.allclose(ha["weight"], hb["weight"], atol=1e-5)
+
+
+def test_ppo_missing_reward_model_says_what_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out/sft")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "ppo_baseline.py")], env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode != 0 and "run `python reward_model.py` first" in p.stderr
+
+
+PPO_ARGS = DVPO_ARGS
+
+
+def ppo_run(tiny_sft, tiny_rm, out, extra=(), nproc=1):
+    return run(["ppo_baseline.py", "--model", tiny_sft, "--rm", tiny_rm, "--out_dir", out] + PPO_ARGS + list(extra),
+               nproc=nproc)
+
+
+def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_rm, tmp_path):
     out = str(tmp_path / "ppo")
-    ppo_run(tiny_sft, tiny_gvm, out)
+    ppo_run(tiny_sft, tiny_rm, out)
     s = json.load(open(os.path.join(out, "summary.json")))
     for k in ("rm/pairwise_accuracy", "eval/reward_before", "eval/reward_after", "eval/reward_stderr",
               "eval/kl_to_ref", "train/steps", "train/seconds"):
         assert k in s
     assert s["train/steps"] == 2
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    assert {"value_loss", "rm/score", "clipfrac", "reward"} <= set(rows[-1])
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert {"value_loss", "policy_loss", "rm/score", "clipfrac", "reward"} <= set(rows[-1])
     # the policy and the critic are each loadable on their own
     from transformers import AutoModelForCausalLM
     AutoModelForCausalLM.from_pretrained(out)
-    critic, _, ccfg = tu.load_value_model(os.path.join(out, "critic"), "critic_config.json", "")
-    rm, _, _ = ppo_baseline.load_reward_model(os.path.join(out, "rm"))
+    critic, _, ccfg = mdl.load_value_model(os.path.join(out, "critic"), "critic_config.json", "")
+    rm, _, _ = mdl.load_value_model(tiny_rm, "rm_config.json", "")
     assert ccfg["role"] == "critic"
     assert not torch.equal(critic.value_head.weight, rm.value_head.weight)  # the critic was trained from the RM
     assert os.path.exists(os.path.join(out, "checkpoint", "critic", "value_head.safetensors"))
 
 
-def test_ppo_baseline_rm_stage_alone(tiny_sft, tiny_gvm, tmp_path):
-    out = str(tmp_path / "ppo_rm")
-    ppo_run(tiny_sft, tiny_gvm, out, ["--stage", "rm"])
-    cfg = json.load(open(os.path.join(out, "rm", "rm_config.json")))
-    assert 0.0 <= cfg["rm/pairwise_accuracy"] <= 1.0 and not os.path.exists(os.path.join(out, "summary.json"))
-
-
-def test_ppo_baseline_torchrun_two_processes(tiny_sft, tiny_gvm, tmp_path):
+def test_ppo_baseline_torchrun_two_processes(tiny_sft, tiny_rm, tmp_path):
     out = str(tmp_path / "ppo2")
-    ppo_run(tiny_sft, tiny_gvm, out, nproc=2)
+    ppo_run(tiny_sft, tiny_rm, out, nproc=2)
     assert json.load(open(os.path.join(out, "summary.json")))["train/steps"] == 2

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import data
+import model as mdl
 import sft
 import task
 import train_utils as tu
@@ -60,7 +61,7 @@ def test_short_sft_run_raises_heldout_gold_reward(tmp_path):
     model.eval()
     assert tok.eos_token_id == 1 and tok.pad_token_id == 0
     prompts = task.builtin_prompts(64, "eval")
-    ys = data.sample_texts(model, tok, prompts, 16, temperature=0.0)
+    ys = mdl.sample_texts(model, tok, prompts, 16, temperature=0.0)
     greedy = sum(task.gold_reward(p, y) for p, y in zip(prompts, ys)) / len(prompts)
     assert greedy > 0.7  # the saved checkpoint is the trained model
 

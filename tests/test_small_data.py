@@ -1,7 +1,8 @@
-"""Small files: sft.py, gvm.py, dvpo.py and ppo_baseline.py on files of 1, 2, 9, 10 and 64 records
-either train or stop with one clear line (sys.exit / DataError, as the scripts' __main__ prints
-them; any other exception fails the test), and --eval_prompts 0 skips the held-out evaluation.
-Held-out splits follow train_utils.split_heldout: min(requested, 10%), at least one, never all."""
+"""Small files: sft.py, gvm.py, reward_model.py, dvpo.py and ppo_baseline.py on files of 1, 2, 9, 10 and
+64 records either train or stop with one clear line (sys.exit / DataError / ConfigError, as the scripts'
+__main__ prints them, prefixed with the script's name; any other exception fails the test), and
+--eval_prompts 0 skips the held-out evaluation. Held-out splits follow data.split_heldout:
+min(requested, 10%), at least one, never all."""
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ import data
 import dvpo
 import gvm
 import ppo_baseline
+import reward_model
 import sft
 import task
+import train_utils as tu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [1, 2, 9, 10, 64]
@@ -26,8 +29,8 @@ def outcome(module, cfg):
         return "trained", module.main(cfg)
     except SystemExit as e:
         return "stopped", str(e.code)
-    except data.DataError as e:
-        return "stopped", str(e)
+    except (data.DataError, tu.ConfigError) as e:  # __main__ prints "<script>.py: <message>"
+        return "stopped", f"{module.__name__}.py: {e}"
 
 
 def stopped(result, *words):
@@ -108,18 +111,22 @@ def test_dvpo_small_prompt_files_train(tiny_sft, tiny_gvm, tmp_path, n):
 
 
 @pytest.mark.parametrize("n", SIZES)
-def test_ppo_baseline_small_files_train_or_say_why(tiny_sft, tmp_path, n):
-    cfg = ppo_baseline.Config(model=tiny_sft, data=write(tmp_path / "p.jsonl", pair_recs(n)),
-                              prompts=write(tmp_path / "q.jsonl", prompt_recs(n)), out_dir=str(tmp_path / "p"),
-                              rm_batch_size=4, rm_epochs=1, steps=2, batch_size=4, minibatch_size=4,
+def test_reward_model_and_ppo_baseline_small_files_train_or_say_why(tiny_sft, tmp_path, n):
+    rm_cfg = reward_model.Config(model=tiny_sft, data=write(tmp_path / "p.jsonl", pair_recs(n)),
+                                 out_dir=str(tmp_path / "rm"), batch_size=4, epochs=1, device="cpu")
+    result = outcome(reward_model, rm_cfg)
+    if n == 1:
+        stopped(result, "reward_model.py:", "1 pair(s)", "needs at least 2", "--eval_data")
+        return
+    if n == 2:
+        stopped(result, "reward_model.py:", "1 training pairs is fewer than one batch of 4", "--batch_size")
+        return
+    assert result[0] == "trained", result
+    cfg = ppo_baseline.Config(model=tiny_sft, rm=rm_cfg.out_dir, prompts=write(tmp_path / "q.jsonl", prompt_recs(n)),
+                              out_dir=str(tmp_path / "p"), steps=2, batch_size=4, minibatch_size=4,
                               micro_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_prompts=4, device="cpu")
     result = outcome(ppo_baseline, cfg)
-    if n == 1:
-        stopped(result, "ppo_baseline.py:", "1 pair(s)", "needs at least 2", "--eval_data")
-    elif n == 2:
-        stopped(result, "ppo_baseline.py:", "1 training pairs is fewer than one batch of 4", "--rm_batch_size")
-    else:
-        assert result[0] == "trained" and result[1]["train/steps"] == 2, result
+    assert result[0] == "trained" and result[1]["train/steps"] == 2, result
 
 
 def test_eval_prompts_0_skips_evaluation(tiny_sft, tiny_gvm, tmp_path, capsys):
@@ -130,9 +137,11 @@ def test_eval_prompts_0_skips_evaluation(tiny_sft, tiny_gvm, tmp_path, capsys):
     assert kind == "trained" and not any(k.startswith("eval/") for k in s), s
     out = capsys.readouterr().out
     assert "10 training prompts, 0 held out (no held-out evaluation)" in out and "no held-out prompts" in out
-    kind, s = outcome(ppo_baseline, ppo_baseline.Config(data=write(tmp_path / "p.jsonl", pair_recs(10)),
-                                                        rm_batch_size=4, rm_epochs=1, out_dir=str(tmp_path / "p"),
-                                                        **common))
+    rm_dir = str(tmp_path / "rm")
+    kind, _ = outcome(reward_model, reward_model.Config(model=tiny_sft, data=write(tmp_path / "p.jsonl", pair_recs(10)),
+                                                        batch_size=4, epochs=1, out_dir=rm_dir, device="cpu"))
+    assert kind == "trained"
+    kind, s = outcome(ppo_baseline, ppo_baseline.Config(rm=rm_dir, out_dir=str(tmp_path / "p"), **common))
     assert kind == "trained" and not any(k.startswith("eval/") for k in s), s
 
 

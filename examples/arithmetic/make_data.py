@@ -26,9 +26,8 @@ from dataclasses import dataclass
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)  # the repo's data.py / train_utils.py, from any working directory
-import data  # noqa: E402
-import fsdp_utils as fu  # noqa: E402
+sys.path.insert(0, ROOT)  # the repo's model.py / train_utils.py, from any working directory
+import model  # noqa: E402
 import train_utils as tu  # noqa: E402
 from examples.arithmetic.reward import exact_match  # noqa: E402
 
@@ -74,12 +73,12 @@ def write_jsonl(path: str, rows: list[dict]):
 
 
 def make_pairs(cfg: Config):
-    model, tok = tu.load_policy(cfg.model)
-    model.eval()
+    policy, tok = model.load_policy(cfg.model)
+    policy.eval()
     qs = questions(cfg.n_pair_questions, "pairs", cfg.seed)
     prompts = [chat(a, b) for a, b in qs]
     gen = tu.torch_rng(cfg.seed, "arithmetic/pairs")
-    answers = [data.sample_texts(model, tok, prompts, cfg.max_new_tokens, 1.0, 1.0, 128, gen)
+    answers = [model.sample_texts(policy, tok, prompts, cfg.max_new_tokens, 1.0, 1.0, 128, gen)
                for _ in range(cfg.samples)]
     rows, ties = [], {"all right": 0, "all wrong": 0}
     for i, p in enumerate(prompts):
@@ -110,4 +109,4 @@ def main(cfg: Config):
 
 
 if __name__ == "__main__":
-    main(fu.parse_config(Config))
+    main(tu.parse_config(Config))

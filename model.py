@@ -1,0 +1,302 @@
+"""model.py — everything that reads numbers off a model: the value model (the GVM, the reward model
+and the PPO critic share its shape), loading policies and value models (sharded under torchrun),
+response log-probs, the value chain, and rollouts sampled with a KV cache.
+
+Positions (docs/algorithm.md §1). A row is z = x ⊕ y: the prompt x fills positions 0..P-1, the
+response y_1..y_T fills P..P+T-1 (y_t is at P-1+t). Logits at position i score z_{i+1}; a value
+model emits one scalar u_i per position, a function of z_0..z_i only. For P = 3, T = 3:
+
+    position i              0     1     2     3     4     5
+    token z_i              x_1   x_2   x_3   y_1   y_2   y_3 (EOS)
+    log π(y_t|s_t), t =                1     2     3     –       read at P+t-2  (response_logprobs)
+    chain w_k = u_{P-1+k}, k =         0     1     2     3       (value_chain)
+    V(s_t) = w_{t-1}, t =              1     2     3     –       read at P+t-2  (the critic, `td`)
+
+  w_0 = V(prompt), w_k = Q(s_k, a_k) for k ≥ 1, and the terminal entry w_T ≈ r(x, y).
+Every function here returns response-aligned tensors — (B, T) per token, (B, T+1) for the chain —
+gathered per row from its own offset, so left and right padding give the same numbers.
+
+  1. Loading: load_policy (a hub id or a local path), ValueModel = causal-LM backbone + nn.Linear(H, 1),
+     new_value_model / load_value_model (checkpoint.save_value_model writes one), value_scale (§7).
+     Every loader returns the model on its device, sharded under torchrun (fsdp_utils.on_device:
+     rank 0 reads, the others receive only their shards).
+  2. Reading: gather_response, last_index / terminal, value_chain, terminal_values, response_logprobs,
+     frozen_logprobs.
+  3. Sampling: sample_token, generate (KV cache, cut at the first stop token), rollout (the layout
+     every loss reads), responses, sample_texts.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+import data
+import fsdp_utils as fu
+import train_utils as tu
+
+BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "response_len")  # what a training forward reads
+
+# ----------------------------------------------------------------------------------------------
+# 1. Loading policies and value models
+
+
+def load_tokenizer(path: str):
+    """AutoTokenizer with a pad token (the EOS token when the tokenizer has none)."""
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def frozen_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--frozen_dtype: the dtype of the frozen models (reference, GVM, reward model). auto = bfloat16
+    on CUDA (half the memory; their forwards compute in bf16 anyway) and float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise tu.ConfigError(f"--frozen_dtype must be auto, float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
+def hf_model(path: str, dtype: torch.dtype, meta: bool, cls=AutoModelForCausalLM):
+    """The HF model at `path` in `dtype`: loaded (from_pretrained), or, on the meta device, the same
+    modules built from its config, with the generation settings from_pretrained would read."""
+    if not meta:
+        return cls.from_pretrained(path, dtype=dtype)
+    model = cls.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: from_pretrained keeps the default from the config too
+            pass
+    return model
+
+
+def load_policy(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
+    """(model, tokenizer) from a hub id or a local path, on `device`, sharded under torchrun. Trained:
+    fp32, the master weights (bf16 compute comes from FSDP's policy); frozen (the reference): in
+    dtype (see frozen_dtype). The built-in task's tiny model: task.load_tiny_policy."""
+    return fu.on_device(lambda meta: hf_model(path, dtype, meta), device, frozen), load_tokenizer(path)
+
+
+class ValueModel(nn.Module):
+    """Causal-LM backbone (AutoModel, no LM head) + nn.Linear(H, 1): one scalar per position.
+    forward -> u: (B, L). The GVM, the Bradley-Terry reward model and the PPO critic."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)  # starts at 0 everywhere: no prior on the values
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
+        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+
+
+def new_value_model(path: str, device="cpu", dtype=torch.float32, frozen: bool = False) -> ValueModel:
+    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero,
+    on `device`, sharded under torchrun; trained: fp32 (frozen: in dtype, as load_value_model)."""
+    return fu.on_device(lambda meta: ValueModel(hf_model(path, dtype, meta, AutoModel)).to(dtype), device, frozen)
+
+
+def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype=torch.float32,
+                     frozen: bool = False):
+    """(model, tokenizer, config) from a folder written by checkpoint.save_value_model: the backbone in
+    HF format, value_head.safetensors and a JSON config named config_name (gvm_config.json,
+    rm_config.json, critic_config.json). `hint` says how to make one when the folder is wrong.
+    On `device`, sharded under torchrun; frozen (GVM, reward model): no gradients, in dtype."""
+    for name in ("config.json", "value_head.safetensors", config_name):
+        if not os.path.exists(os.path.join(path, name)):
+            raise FileNotFoundError(f"{path}: missing {name}; {hint}")
+
+    def load(meta):
+        vm = ValueModel(hf_model(path, dtype, meta, AutoModel))
+        if not meta:
+            vm.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
+        return vm.to(dtype)
+
+    with open(os.path.join(path, config_name)) as f:
+        config = json.load(f)
+    return fu.on_device(load, device, frozen), load_tokenizer(path), config
+
+
+def value_scale(config: dict, normalize: bool, path: str) -> float:
+    """The std of a value model's terminal value over its held-out responses, recorded when it was
+    trained (docs/algorithm.md §7): RL divides w_T (or the RM score) by it. 1.0 when not normalizing."""
+    if not normalize:
+        return 1.0
+    if "value_std" not in config:
+        raise tu.ConfigError(f"{path}: its config has no value_std (trained before scale normalization); train it "
+                             "again, or pass --normalize_reward false")
+    if not math.isfinite(config["value_std"]) or config["value_std"] <= 0:
+        raise tu.ConfigError(f"{path}: value_std is {config['value_std']}: its terminal value is the same for every "
+                             "held-out response, so it ranks nothing; train it longer, or pass "
+                             "--normalize_reward false")
+    return float(config["value_std"])
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Reading numbers off a model: response-aligned slices, the value chain, log-probs
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row is computed like an unpadded one. (B, L)"""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def gather_response(x: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
+    """Per-row slice x[b, start_b : start_b + length] of a (B, L, ...) tensor -> (B, length, ...).
+    Out-of-range positions are clamped; mask them with data.response_mask."""
+    idx = (start[:, None] + torch.arange(length, device=x.device)[None, :]).clamp(0, x.shape[1] - 1)
+    idx = idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last valid entry, (B, N) mask valid on a prefix -> (B,) (0 for an empty row)."""
+    return (mask.sum(1).long() - 1).clamp(min=0)
+
+
+def terminal(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last valid entry of each row: (B, N) -> (B,). On the chain's post-token entries w_1..w_T
+    (x = w[:, 1:], mask (B, T)) this is w_T, the value model's estimate of r(x, y)."""
+    return x.gather(1, last_index(mask)[:, None]).squeeze(1)
+
+
+def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
+    """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
+    (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain.
+    w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y) (docs/algorithm.md §1)."""
+    T = int(response_len.max())
+    return gather_response(u, prompt_len - 1, T + 1), data.response_mask(response_len + 1, T + 1)
+
+
+def terminal_values(value_model, batch: dict) -> torch.Tensor:
+    """w_T: a value model's value at each row's last response token, (B,) — the reward model's score
+    r(x, y), or the GVM's estimate of it. batch: BATCH_KEYS, (B, L)."""
+    u = value_model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
+    w, mask = value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+    return terminal(w, mask)
+
+
+def response_logprobs(model, batch: dict, T: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log π(y_t | s_t) and the entropy of π(· | s_t) for t = 1..T, response-aligned (B, T).
+    Logits at position i score token i+1, so y_t (at P+t-1) is scored at position P+t-2."""
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits.float()  # (B, L, V)
+    start = batch["prompt_len"] - 1
+    logits = gather_response(logits, start, T) / temperature  # (B, T, V)
+    targets = gather_response(ids, start + 1, T)  # (B, T)
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, entropy
+
+
+@torch.no_grad()
+def frozen_logprobs(model, batch: dict, T: int, temperature: float) -> torch.Tensor:
+    """log π(y_t | s_t) with no gradient, (B, T): the reference, or the policy before the update.
+    (no_grad, not inference_mode: under FSDP2 inference_mode would turn the trained policy's
+    gathered parameter buffers into inference tensors, which its next training step cannot update.)"""
+    logp, _ = response_logprobs(model, batch, T, temperature)
+    fu.reshard(model)  # FSDP2 keeps the root gathered after forward: free it
+    return logp.clone()
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Sampling with a KV cache
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
+    """(B, V) logits -> (B,) tokens. temperature 0 is greedy; top_p < 1 keeps the smallest set of
+    tokens whose probability reaches top_p (nucleus sampling)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        p_sorted, order = probs.sort(-1, descending=True)
+        drop = p_sorted.cumsum(-1) - p_sorted > top_p  # tokens entirely beyond the nucleus
+        probs = torch.zeros_like(probs).scatter(-1, order, p_sorted.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
+             temperature: float = 1.0, top_p: float = 1.0, generator=None, min_new_tokens: int = 0):
+    """Sample responses for left-padded prompts (B, P) with a KV cache. eos_id: the stop token, or a
+    list of them (data.stop_token_ids); "EOS" below is any of them.
+    Returns response ids (B, T) padded with pad_id after the first EOS, response_len (B,) counting
+    the EOS, and truncated (B,) bool for rows that hit max_new_tokens without an EOS.
+    min_new_tokens forces fixed-length generation (EOS is masked until then; used by bench.py)."""
+    stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=input_ids.device)
+    position = position_ids(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    B = input_ids.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    length = torch.zeros(B, dtype=torch.long, device=input_ids.device)
+    pos, mask, tokens = position[:, -1], attention_mask, []
+    for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits = logits.clone()
+            logits[:, stops] = -float("inf")
+        tok = sample_token(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        length += (~done).long()
+        done |= torch.isin(tok, stops)
+        if bool(done.all()):  # CPU-GPU sync, once per token
+            break
+        pos = pos + 1
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    return torch.stack(tokens, 1), length, ~done
+
+
+@torch.no_grad()
+def rollout(policy, prompt_ids: list[list[int]], tok, max_new_tokens: int, temperature: float, top_p: float,
+            generator, device, min_new_tokens: int = 0) -> dict:
+    """Sample one response per prompt. Layout: left-padded prompts (width P) ⊕ right-padded
+    responses (width T), so every row's response starts at column P: prompt_len = P for all rows.
+    Returns input_ids, attention_mask (B, P+T), prompt_len, response_len, truncated (B,),
+    response (B, T) and the prompt ids."""
+    enc = data.collate_left(prompt_ids, tok.pad_token_id)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    stops = data.stop_token_ids(tok, getattr(policy, "generation_config", None))  # EOS, end of turn, the model's
+    with fu.gathered(policy):  # eval mode, parameters gathered once for the whole rollout
+        resp, resp_len, truncated = generate(policy, enc["input_ids"], enc["attention_mask"], max_new_tokens, stops,
+                                             tok.pad_token_id, temperature, top_p, generator, min_new_tokens)
+    B, P, T = resp.shape[0], enc["input_ids"].shape[1], resp.shape[1]
+    return {"input_ids": torch.cat([enc["input_ids"], resp], 1),
+            "attention_mask": torch.cat([enc["attention_mask"], data.response_mask(resp_len, T).long()], 1),
+            "prompt_len": torch.full((B,), P, device=device), "response_len": resp_len,
+            "truncated": truncated, "response": resp, "prompt_ids": prompt_ids}
+
+
+def responses(batch: dict) -> list[list[int]]:
+    """Each row's response ids without padding (EOS included when the row has one)."""
+    return [r[:n].tolist() for r, n in zip(batch["response"], batch["response_len"])]
+
+
+def sample_texts(policy, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, batch_size: int = 64, generator=None, device="cpu") -> list[str]:
+    """Decoded responses for a list of prompts (strings or messages), in batches."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        enc = data.collate_left([data.encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]],
+                                tokenizer.pad_token_id)
+        stops = data.stop_token_ids(tokenizer, getattr(policy, "generation_config", None))
+        ids, _, _ = generate(policy, enc["input_ids"].to(device), enc["attention_mask"].to(device), max_new_tokens,
+                             stops, tokenizer.pad_token_id, temperature, top_p, generator)
+        out += [data.decode_response(tokenizer, row.tolist(), stops) for row in ids]
+    return out
