@@ -55,7 +55,9 @@ class Config:
     steps: int = 40  # rollout batches (PPO iterations)
     batch_size: int = 64  # prompts per rollout, global
     minibatch_size: int = 32  # sequences per optimizer step, global
-    micro_batch_size: int = 32  # sequences per forward/backward on one rank (gradient accumulation)
+    micro_batch_size: int = 32  # sequences per forward on one rank: training (gradient accumulation) and scoring
+    grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
+    #                            but an unsharded fp32 gradient of the trained model on every rank meanwhile)
     ppo_epochs: int = 4
     lr: float = 2e-4  # use ~1e-6 for real models (paper App. A: 2e-6)
     warmup_steps: int = 10  # optimizer steps
@@ -76,13 +78,15 @@ class Config:
     gradient_checkpointing: bool = False
     frozen_dtype: str = "auto"  # frozen models: auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16
     eval_prompts: int = 1024  # held-out prompts for the before/after evaluation (0 = none)
+    eval_batch_size: int = 64  # held-out prompts generated at once on one rank (memory: their KV cache)
     eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
     save_every: int = 20  # steps between checkpoints (0 = only at the end); docs/checkpoints.md
     resume: str = "no"  # no: start fresh, refused over a checkpoint | auto: resume if there is one | yes: must resume
     overwrite: bool = False  # start fresh although out_dir holds a checkpoint (deletes it and metrics.jsonl)
     log_every: int = 1
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (this rank's GPU under torchrun)
+    dist_timeout_min: float = 60  # how long a collective may wait for the other ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,15 +177,20 @@ def kl_controller(beta: float, kl: float, target: float, n_steps: int, horizon: 
 # ----------------------------------------------------------------------------------------------
 # The step: score a rollout with the frozen models, then update the policy
 
-@torch.inference_mode()
-def gvm_values(gvm, batch: dict, tau: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """GVM value chain (B, T+1) on [τ_b] ⊕ x_b ⊕ y_b, computed once per rollout batch."""
+@torch.no_grad()  # not inference_mode: FSDP2's parameter buffers must stay ordinary tensors
+def gvm_values(gvm, batch: dict, tau: list[list[int]], pad_id: int, device, micro_batch_size: int) -> torch.Tensor:
+    """GVM value chain (B, T+1) on [τ_b] ⊕ x_b ⊕ y_b, computed once per rollout batch, in micro-batches."""
     prompts = [t + p for t, p in zip(tau, batch["prompt_ids"])]
-    g = {k: v.to(device) for k, v in data.collate_right(prompts, model.responses(batch), pad_id).items()}
-    u = gvm(g["input_ids"], g["attention_mask"]).float()  # (B, L)
-    w, _ = model.value_chain(u, g["prompt_len"], g["response_len"])
+    responses = model.responses(batch)
+    T = batch["response"].shape[1]
+    chains = []
+    for i in range(0, len(prompts), micro_batch_size):
+        g = data.collate_right(prompts[i:i + micro_batch_size], responses[i:i + micro_batch_size], pad_id)
+        g = {k: v.to(device) for k, v in g.items()}
+        u = gvm(g["input_ids"], g["attention_mask"])  # (b, L), fp32
+        chains.append(model.value_chain(u, g["prompt_len"], g["response_len"], T)[0])  # (b, T+1)
     fu.reshard(gvm)  # FSDP2 keeps the root gathered after forward: free it
-    return w.clone()
+    return torch.cat(chains)
 
 
 def draw_tau_from_pool(pool: list, prompt_ids: list[list[int]], n_tau: int, gcfg: dict,
@@ -205,9 +214,9 @@ def score(policy, ref, gvm, batch: dict, tau: list, beta: float, scale: float, c
     mask, old_logp, kl, adv (B, T) and the GVM chain w (B, T+1), divided by scale."""
     T = batch["response"].shape[1]
     mask = data.response_mask(batch["response_len"], T)  # (B, T)
-    old_logp = model.frozen_logprobs(policy, batch, T, cfg.temperature)
-    ref_logp = model.frozen_logprobs(ref, batch, T, cfg.temperature)
-    w = gvm_values(gvm, batch, tau, pad_id, device) / scale  # DVPO only: (B, T+1), w_T on a unit scale (§7)
+    old_logp = model.frozen_logprobs(policy, batch, T, cfg.temperature, cfg.micro_batch_size)
+    ref_logp = model.frozen_logprobs(ref, batch, T, cfg.temperature, cfg.micro_batch_size)
+    w = gvm_values(gvm, batch, tau, pad_id, device, cfg.micro_batch_size) / scale  # DVPO only: (B, T+1), unit scale
     kl = (old_logp - ref_logp) * mask  # k1 estimator
     r_kl = -beta * kl
     if cfg.advantage == "td":  # V_t = w_{t-1}, terminal score w_T ≈ r(x, y)
@@ -241,10 +250,10 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
             opt.zero_grad(set_to_none=True)
             mb_loss = torch.zeros((), device=mask.device)  # Σ over micro-batches of this rank's loss shares
             for mi in range(0, mb_rank, micro):
-                fu.grad_sync(policy, mi + micro >= mb_rank)  # FSDP2: reduce-scatter after the last micro-batch only
+                fu.grad_sync(policy, cfg.grad_sync == "every" or mi + micro >= mb_rank)  # FSDP2 reduce-scatter
                 i = mb_idx[mi:mi + micro].to(mask.device)
                 sub = {k: batch[k][i] for k in model.BATCH_KEYS}
-                logp, entropy = model.response_logprobs(policy, sub, T, cfg.temperature)
+                logp, entropy = model.response_logprobs(policy, sub, T, cfg.temperature, with_entropy=True)
                 loss, s = ppo_clip_loss(logp, sc["old_logp"][i], sc["adv"][i], mask[i], cfg.clip_eps, n_tokens)
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
                 mb_loss += loss.detach()
@@ -265,12 +274,13 @@ def update(policy, opt, batch: dict, sc: dict, cfg: Config, step: int, opt_step:
 # main: the recipe
 
 def main(cfg: Config):
-    device = fu.setup(cfg.device)
+    device = fu.setup(cfg.device, cfg.dist_timeout_min)
     for path, cmd in ((cfg.model, "python sft.py"), (cfg.gvm, "python gvm.py")):
         if path.startswith("out/") and not os.path.exists(path):
             sys.exit(f"dvpo.py: {path} is missing; run `{cmd}` first")
     if cfg.advantage not in ("td", "paper"):
         raise tu.ConfigError(f"--advantage must be 'td' or 'paper', got {cfg.advantage!r}")
+    tu.check_choice("grad_sync", cfg.grad_sync, ("every", "last"))
     tu.check_batch_sizes(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size, fu.world())
     tu.seed_everything(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
@@ -287,7 +297,7 @@ def main(cfg: Config):
     tau_k = gcfg.get("tau_k", 0) if cfg.tau_k < 0 else cfg.tau_k
     scale = model.value_scale(gcfg, cfg.normalize_reward, cfg.gvm)  # in `paper` mode BN(w / s) = BN(w): no change
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        model.enable_gradient_checkpointing(policy)
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
 
@@ -299,7 +309,8 @@ def main(cfg: Config):
 
     def evaluate():  # held-out reward and KL to the reference, before and after training
         return evaluation.evaluate_policy(policy, ref, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens,
-                                          reward_fn, cfg.temperature, cfg.top_p, cfg.max_prompt_len)
+                                          reward_fn, cfg.temperature, cfg.top_p, cfg.max_prompt_len,
+                                          cfg.eval_batch_size, cfg.micro_batch_size)
 
     fu.print0(f"tau_k={tau_k}")
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
@@ -329,7 +340,7 @@ def main(cfg: Config):
                               cfg.top_p, gen, device)
         t_gen = time.time() - t0
 
-        # 2-4. frozen forwards (DVPO only: the GVM on [τ] ⊕ x ⊕ y, τ from the previous step), KL penalty, advantages
+        # 2-4. frozen forwards (DVPO only: the GVM on [τ] ⊕ x ⊕ y, τ of the previous step), KL penalty, advantages
         pool = state["tau_pool"] or list(zip(batch["prompt_ids"], model.responses(batch)))
         tau = draw_tau_from_pool(pool, batch["prompt_ids"], tau_k, gcfg, rng)
         sc = score(policy, ref, gvm, batch, tau, state["kl_beta"], scale, cfg, tok.pad_token_id, device)

@@ -96,10 +96,12 @@ def rewards(reward_fn, prompts: list, response: torch.Tensor, tok) -> list[float
 @torch.no_grad()
 def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_tokens: int, reward_fn=None,
                     temperature: float = 1.0, top_p: float = 1.0, max_prompt_len: int | None = None,
-                    batch_size: int = 256) -> dict:
+                    batch_size: int = 64, micro_batch_size: int = 0) -> dict:
     """Held-out evaluation, each rank on its shard of `prompts`: responses sampled at `temperature`
     (reward mean and stderr) and greedy (reward), and, with a reference, the KL to it per sampled
-    response Σ_t (log π - log π_ref) (mean and stderr). Without reward_fn only KL and length."""
+    response Σ_t (log π - log π_ref) (mean and stderr). Without reward_fn only KL and length.
+    Memory: batch_size prompts generated at once per rank (their KV cache), log-probs in micro-batches
+    of micro_batch_size rows (0: the whole generation batch)."""
     if not prompts:
         return {}
     mine = prompts[fu.rank()::fu.world()]
@@ -116,8 +118,8 @@ def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_
         kl = torch.zeros(len(texts), dtype=torch.float64)
         if ref is not None:
             mask = data.response_mask(b["response_len"], T)
-            kl = ((model.frozen_logprobs(policy, b, T, temperature) - model.frozen_logprobs(ref, b, T, temperature))
-                  * mask).sum(1).double().cpu()
+            logp = model.frozen_logprobs(policy, b, T, temperature, micro_batch_size)
+            kl = ((logp - model.frozen_logprobs(ref, b, T, temperature, micro_batch_size)) * mask).sum(1).double().cpu()
         r = rg = torch.zeros(len(texts), dtype=torch.float64)
         if reward_fn is not None:
             greedy = model.rollout(policy, ids, tok, max_new_tokens, 0.0, 1.0, gen, device)
@@ -149,6 +151,23 @@ def eval_summary(before: dict, after: dict) -> dict:
                     "eval/reward_greedy_before": before["reward_greedy"],
                     "eval/reward_greedy_after": after["reward_greedy"]})
     return out
+
+
+def shard_batches(n: int, batch_size: int) -> list[list[int]]:
+    """This rank's strided share of range(n) (rank, rank + world, ...) in batches of batch_size, padded with
+    empty batches to the same count on every rank: a rank with nothing left still joins the FSDP2
+    collectives of the forwards (the caller runs a dummy batch and drops its result)."""
+    mine = list(range(fu.rank(), n, fu.world()))
+    n_batches = math.ceil(math.ceil(n / fu.world()) / batch_size)
+    return [mine[j * batch_size:(j + 1) * batch_size] for j in range(n_batches)]
+
+
+def gather_by_index(local: dict) -> list:
+    """Every rank's {item index: result} merged, as a list in index order, on every rank (all-gather)."""
+    merged = {}
+    for part in fu.all_gather_object(local):  # all-gather: every rank, pickled python objects
+        merged.update(part)
+    return [merged[i] for i in sorted(merged)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,9 +3,13 @@
 One code path for one process and for `torchrun`: every helper is a no-op (or the obvious local
 operation) when the process group is not initialized, so `python x.py` and
 `torchrun --nproc_per_node 8 x.py` run the same lines.
-  1. setup(): init from the torchrun environment (nccl on CUDA, gloo on CPU), pick the device.
+  1. setup(): pick this rank's device and start the process group: from the torchrun environment (nccl on
+     CUDA, gloo on CPU), and on CUDA always, a 1-rank group for `python x.py` — so one GPU runs the same
+     FSDP2 bf16 path as eight. (On CPU `python x.py` needs none: everything is fp32 there.) TF32 on, the
+     cuDNN SDPA backend off (its backward returns NaN for the fully-masked query rows of left padding).
   2. shard(model): FSDP2 `fully_shard` on each decoder block, then on the root; bf16 params with
-     fp32 gradient reduction on CUDA. Frozen models are sharded the same way (never replicated).
+     fp32 gradient reduction on CUDA; value heads are their own fp32 unit. Frozen models are sharded
+     the same way (never replicated).
      Sharded loading (on_device, torchtitan's pattern): a model built on the meta device is sharded
      first, then only this rank's shards are allocated and filled from rank 0's full copy, tensor by
      tensor.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,19 +46,32 @@ def world() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
-def setup(device: str = "auto") -> torch.device:
-    """Initialise the process group if launched by torchrun (RANK in the environment) and return
-    this rank's device. device='auto' picks cuda:LOCAL_RANK when CUDA is available, else cpu."""
+def setup(device: str = "auto", timeout_min: float = 60) -> torch.device:
+    """This rank's device, and the process group: from the torchrun environment (WORLD_SIZE > 1), and on
+    CUDA always (a 1-rank group without torchrun), so that 1 GPU and N GPUs run the same FSDP2 lines.
+    device: auto = cuda:LOCAL_RANK when CUDA is available, else cpu; "cuda" = this rank's GPU, cuda:LOCAL_RANK.
+    timeout_min: how long a collective may wait (NCCL's default, 10 minutes, is shorter than rank 0 alone
+    writing an 8B model's final HF export)."""
     transformers.utils.logging.set_verbosity_error()  # no load reports for the dropped lm_head etc.
     transformers.utils.logging.disable_progress_bar()  # our own tqdm bars are the progress
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not is_dist():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (value heads) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.enable_cudnn_sdp(False)  # PyTorch #196678: NaN backward on fully-masked rows
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if not is_dist() and (world_size > 1 or dev.type == "cuda"):
+        backend, timeout = ("nccl" if dev.type == "cuda" else "gloo"), timedelta(minutes=timeout_min)
+        device_id = dev if dev.type == "cuda" else None
+        if "MASTER_ADDR" in os.environ:  # torchrun
+            dist.init_process_group(backend, device_id=device_id, timeout=timeout)
+        else:  # `python x.py` on one GPU: a 1-rank group in this process
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, device_id=device_id,
+                                    timeout=timeout)
     return dev
 
 
@@ -78,9 +96,10 @@ def decoder_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | None = None,
-          full: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Under torchrun apply FSDP2: fully_shard(block) for each decoder block, then fully_shard(root);
-    one process: just move to device. mixed_precision (default: on for CUDA) computes in bf16 and
+          full: torch.nn.Module | None = None, fp32_modules: tuple = ()) -> torch.nn.Module:
+    """With a process group apply FSDP2: fully_shard(block) for each decoder block, each of fp32_modules
+    (e.g. a value head) as its own unit that computes in fp32, then fully_shard(root); no process group
+    (one CPU process): just move to device. mixed_precision (default: on for CUDA) computes in bf16 and
     reduces gradients in fp32; the sharded weights keep the model's dtype (fp32 master weights).
     Sharded loading: when `model` was built on the meta device (it holds no memory), only this
     rank's shards are allocated (to_empty) and filled from `full`, the loaded model on rank 0's CPU
@@ -97,6 +116,9 @@ def shard(model: torch.nn.Module, device: torch.device, mixed_precision: bool | 
           else MixedPrecisionPolicy())
     for block in decoder_blocks(model):
         fully_shard(block, mesh=mesh, mp_policy=mp)
+    for name in fp32_modules:
+        fully_shard(model.get_submodule(name), mesh=mesh,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
     fully_shard(model, mesh=mesh, mp_policy=mp)
     if meta:
         model.to_empty(device=device)  # this rank's shards (and the small buffers), uninitialised
@@ -119,12 +141,12 @@ def load_from_rank0(model: torch.nn.Module, full: torch.nn.Module | None):
         dist.broadcast(buf, src=0)
 
 
-def on_device(load, device, frozen: bool = False):
+def on_device(load, device, frozen: bool = False, fp32_modules: tuple = ()):
     """The one way a script gets a model: `load(meta)` builds it — on the CPU with its weights
     (meta=False), or the same modules on the meta device, no memory (meta=True). One process:
     load(False) moved to `device`. Under torchrun (sharded loading): rank 0 calls load(False), every
     rank shards load(True), and rank 0's weights are broadcast into the shards (shard, load_from_rank0):
-    no rank but 0 ever holds the full model. frozen: no gradients, eval mode."""
+    no rank but 0 ever holds the full model. frozen: no gradients, eval mode. fp32_modules: see shard."""
     full = load(False) if rank() == 0 else None
     model = full
     if is_dist():
@@ -132,7 +154,7 @@ def on_device(load, device, frozen: bool = False):
             model = load(True)
     if frozen:
         model.requires_grad_(False).eval()
-    return shard(model, device, full=full)
+    return shard(model, device, full=full, fp32_modules=fp32_modules)
 
 
 def grad_sync(model: torch.nn.Module, on: bool):

@@ -66,6 +66,10 @@ class Config:
     tau_response_len: int = 64  # each τ response is cut to this many tokens (from the right)
     epochs: int = 2
     batch_size: int = 32  # pairs (or scored rows) per optimizer step, global
+    micro_batch_size: int = 32  # pairs (or scored rows) per forward/backward on one rank; also evaluation
+    gradient_checkpointing: bool = False
+    grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
+    #                            but an unsharded fp32 gradient of the trained model on every rank meanwhile)
     lr: float = 3e-4  # use ~2e-6 (paper App. A) for real models
     warmup_steps: int = 20
     grad_clip: float = 1.0
@@ -88,7 +92,8 @@ class Config:
     response: str = ""
     log_every: int = 10
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (this rank's GPU under torchrun)
+    dist_timeout_min: float = 60  # how long a collective may wait for the other ranks
 
 
 def load_gvm(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
@@ -217,36 +222,37 @@ def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
+PERCENTILES = (1, 5, 10, 90, 95, 99)  # per-token percentiles of the chain, scores of paper Table 4
+
+
 @torch.no_grad()
-def evaluate(value_model, examples, kind, pools, cfg: Config, pad_id, device, R_of, batch_size: int = 128) -> dict:
+def evaluate(value_model, examples, kind, pools, cfg: Config, pad_id, device, R_of) -> dict:
     """Held-out TD loss and (preference data) pairwise accuracy with w_T, the chain mean and chain
-    percentiles, overall and per sampling policy. Replicated on every rank (held-out sets are
-    small), so no collective is skipped."""
+    percentiles, overall and per sampling policy. Each rank scores its strided share of the examples in
+    micro-batches; the per-response results are all-gathered, so every rank returns the same numbers."""
     value_model.eval()
-    finals, means = [], []
-    pcts = {q: [] for q in (1, 5, 10, 90, 95, 99)}
-    td = [0.0, 0.0]  # Σ ½ (w - G)², number of chain entries
-    for s in range(0, len(examples), batch_size):
-        idx = list(range(s, min(s + batch_size, len(examples))))
-        batch = make_batch(examples, idx, kind, pools, cfg, ("gvm/eval_tau",), pad_id, R_of)  # the same every time
-        batch = {k: v.to(device) for k, v in batch.items()}
-        u = value_model(batch["input_ids"], batch["attention_mask"]).float()
+    per_example = {}  # example index -> [(w_T, chain mean, percentiles, Σ ½ (w - G)², chain entries) per response]
+    k = 2 if kind == "preference" else 1  # responses per example, consecutive rows of a batch
+    for idx in evaluation.shard_batches(len(examples), cfg.micro_batch_size):
+        batch = make_batch(examples, idx or [0], kind, pools, cfg, ("gvm/eval_tau",), pad_id, R_of)  # same τ always
+        batch = {key: v.to(device) for key, v in batch.items()}
+        u = value_model(batch["input_ids"], batch["attention_mask"])  # (B, L), fp32
         w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])
         G = td_lambda_targets(w, batch["R"], mask, cfg.gamma, cfg.lam)
-        td[0] += gvm_loss(w, G, mask, 1.0).item()  # the sum: n_valid = 1
-        td[1] += mask.sum().item()
         last = model.last_index(mask)
-        finals.append(model.terminal(w, mask).cpu())
-        means.append(((w * mask).sum(1) / mask.sum(1)).cpu())
-        for q in pcts:
-            pcts[q].append(torch.stack([torch.quantile(w[b, :last[b] + 1], q / 100) for b in range(len(w))]).cpu())
+        pcts = [[torch.quantile(w[b, :last[b] + 1], q / 100).item() for q in PERCENTILES] for b in range(len(w))]
+        rows = list(zip(model.terminal(w, mask).tolist(), ((w * mask).sum(1) / mask.sum(1)).tolist(), pcts,
+                        (0.5 * mask * (w - G) ** 2).sum(1).tolist(), mask.sum(1).tolist()))  # CPU-GPU sync
+        for j, i in enumerate(idx):  # (a dummy batch, idx == [], adds nothing)
+            per_example[i] = rows[j * k:(j + 1) * k]
     value_model.train()
-    w_T = torch.cat(finals).double()  # every held-out response (chosen and rejected alike)
-    out = {"eval/td_loss": td[0] / td[1], "eval/value_mean": w_T.mean().item(),
+    rows = [r for ex in evaluation.gather_by_index(per_example) for r in ex]  # chosen, rejected alternating
+    w_T = torch.tensor([r[0] for r in rows], dtype=torch.float64)  # every held-out response
+    out = {"eval/td_loss": sum(r[3] for r in rows) / sum(r[4] for r in rows), "eval/value_mean": w_T.mean().item(),
            "eval/value_std": w_T.std(unbiased=False).item()}  # the scale RL divides by (docs/algorithm.md §7)
     if kind == "preference":  # rows alternate chosen, rejected
-        table = {"final": torch.cat(finals), "mean": torch.cat(means)}
-        table.update({f"P{q}": torch.cat(v) for q, v in pcts.items()})
+        table = {"final": w_T.float(), "mean": torch.tensor([r[1] for r in rows])}
+        table.update({f"P{q}": torch.tensor([r[2][n] for r in rows]) for n, q in enumerate(PERCENTILES)})
         acc = {name: evaluation.pairwise_accuracy(v[0::2], v[1::2]) for name, v in table.items()}
         out["eval/pairwise_accuracy"] = acc["final"]
         out["eval/pairwise_accuracy_table"] = acc
@@ -278,8 +284,9 @@ def explain(cfg: Config):
 def main(cfg: Config):
     if cfg.explain:
         return explain(cfg)
-    device = fu.setup(cfg.device)
+    device = fu.setup(cfg.device, cfg.dist_timeout_min)
     world = fu.world()
+    tu.check_choice("grad_sync", cfg.grad_sync, ("every", "last"))
     if cfg.batch_size % world:  # every rank needs rows in every batch
         raise tu.ConfigError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
     tu.seed_everything(cfg.seed)  # the same on every rank
@@ -320,10 +327,14 @@ def main(cfg: Config):
                        "τ + prompt + response")
     value_model.train()
     opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(value_model)
     steps_per_epoch = len(train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         raise data.DataError(f"{len(train)} training rows is fewer than one batch of {cfg.batch_size}")
+    keys = ("chosen", "rejected") if kind == "preference" else ("response",)
+    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
     t0 = time.time()
     step = 0
     bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
@@ -332,27 +343,33 @@ def main(cfg: Config):
         tu.python_rng(cfg.seed, "gvm/order", epoch).shuffle(order)  # the same order on every rank
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
-            batch = make_batch(train, idx, kind, pools, cfg, ("gvm/tau", step), tok.pad_token_id, R_of)
-            batch = {k: v.to(device) for k, v in batch.items()}
-
-            # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
-            #    same network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
-            u = value_model(batch["input_ids"], batch["attention_mask"]).float()  # (B, L)
-            w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
-            G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
-            n_valid = fu.all_reduce_sum(mask.sum().detach().clone())  # all-reduce: chain entries of the global batch
-            loss = gvm_loss(w, G, mask, n_valid)
+            n_local = torch.tensor(float(sum(len(train[i][key]) + 1 for i in idx for key in keys)), device=device)
+            n_valid = fu.all_reduce_sum(n_local)  # all-reduce: the chain entries of the step's global batch
 
             for g in opt.param_groups:
                 g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
             opt.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+            step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+            for mi in range(0, len(idx), micro):
+                fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+                batch = make_batch(train, idx[mi:mi + micro], kind, pools, cfg, ("gvm/tau", step), tok.pad_token_id,
+                                   R_of)
+                batch = {key: v.to(device) for key, v in batch.items()}
+
+                # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
+                #    same network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
+                u = value_model(batch["input_ids"], batch["attention_mask"])  # (B, L), fp32
+                w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+                G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
+                loss = gvm_loss(w, G, mask, n_valid)
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+                step_loss += loss.detach()
             gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
             opt.step()
 
             if step % cfg.log_every == 0 or step == total - 1:
                 # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
-                m = fu.reduce_metrics({"train/td_loss": (loss * world).detach(), "train/grad_norm": gnorm}, device)
+                m = fu.reduce_metrics({"train/td_loss": step_loss * world, "train/grad_norm": gnorm}, device)
                 m.update({"step": step, "epoch": epoch, "train/lr": opt.param_groups[0]["lr"],
                           "time/seconds": time.time() - t0})
                 tu.append_jsonl(metrics_path, m)
@@ -361,7 +378,12 @@ def main(cfg: Config):
             step += 1
     bar.close()
 
-    # 4. evaluate on held-out rows; compare with the gold reward's own accuracy (built-in task)
+    # 4. save first (an out-of-memory in the evaluation must not lose the trained model), then evaluate on
+    #    held-out rows; compare with the gold reward's own accuracy (built-in task)
+    gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
+            "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
+            "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows)}  # --explain encodes alike
+    checkpoint.save_value_model(value_model, tok, cfg.out_dir, GVM_CONFIG, gcfg)  # a collective: rank 0 writes
     ev = evaluate(value_model, held, kind, held_pools, cfg, tok.pad_token_id, device, R_of)
     summary = {"train/pairs" if kind == "preference" else "train/rows": len(train),
                "eval/pairs" if kind == "preference" else "eval/rows": len(held),
@@ -374,12 +396,9 @@ def main(cfg: Config):
         del policy
     if "gold_chosen" in eval_rows[0]:  # built-in task: the ceiling, the gold reward's own accuracy
         summary.update(evaluation.gold_accuracy(eval_rows))
-    gcfg = {"gamma": cfg.gamma, "lam": cfg.lam, "tau_k": cfg.tau_k, "tau_prompt_len": cfg.tau_prompt_len,
-            "tau_response_len": cfg.tau_response_len, "reward": kind, "score_mean": score_mu, "score_std": score_sd,
-            "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows),  # --explain encodes alike
-            # fixed at training time, so the RL reward is stationary: dvpo.py divides the chain by value_std
-            "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
-    checkpoint.save_value_model(value_model, tok, cfg.out_dir, GVM_CONFIG, gcfg)  # a collective: rank 0 writes
+    # the scale, fixed at training time so that the RL reward is stationary: dvpo.py divides the chain by value_std
+    gcfg.update({"value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]})
+    tu.write_json(os.path.join(cfg.out_dir, GVM_CONFIG), gcfg)  # rank 0
     tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:
         fu.print0("held-out pairwise accuracy by statistic (paper Table 4): " +

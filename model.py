@@ -19,9 +19,12 @@ gathered per row from its own offset, so left and right padding give the same nu
   1. Loading: load_policy (a hub id or a local path), ValueModel = causal-LM backbone + nn.Linear(H, 1),
      new_value_model / load_value_model (checkpoint.save_value_model writes one), value_scale (§7).
      Every loader returns the model on its device, sharded under torchrun (fsdp_utils.on_device:
-     rank 0 reads, the others receive only their shards).
+     rank 0 reads, the others receive only their shards), with dropout off (disable_dropout) and
+     buffers (rotary inv_freq) in the dtype the model built them in; a value head is always fp32.
   2. Reading: gather_response, last_index / terminal, value_chain, terminal_values, response_logprobs,
-     frozen_logprobs.
+     frozen_logprobs. Memory is bounded by a micro-batch: logits exist only at response positions
+     (logits_to_keep), log-softmax runs in fp32 chunks, frozen forwards loop over micro-batches, and no
+     training or scoring forward builds a KV cache.
   3. Sampling: sample_token, generate (KV cache, cut at the first stop token), rollout (the layout
      every loss reads), responses, sample_texts.
 """
@@ -35,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import data
@@ -42,6 +46,7 @@ import fsdp_utils as fu
 import train_utils as tu
 
 BATCH_KEYS = ("input_ids", "attention_mask", "prompt_len", "response_len")  # what a training forward reads
+LOGITS_CHUNK = 2**26  # fp32 log-softmax elements per chunk (256 MiB): rows × positions × vocabulary
 
 # ----------------------------------------------------------------------------------------------
 # 1. Loading policies and value models
@@ -79,34 +84,61 @@ def hf_model(path: str, dtype: torch.dtype, meta: bool, cls=AutoModelForCausalLM
     return model
 
 
+def disable_dropout(module: nn.Module) -> nn.Module:
+    """Every dropout probability of a model set to 0, in place (the saved config is unchanged). RL needs
+    deterministic forwards: the old and new log-probs, the reference and a GVM's TD targets of one
+    batch must be the same function of the weights, or step-0 KL and clipfrac are dropout noise.
+    Covers nn.Dropout modules and float attributes named *dropout* (HF attention passes them to SDPA)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(m, name, 0.0)
+    return module
+
+
 def load_policy(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
-    """(model, tokenizer) from a hub id or a local path, on `device`, sharded under torchrun. Trained:
-    fp32, the master weights (bf16 compute comes from FSDP's policy); frozen (the reference): in
-    dtype (see frozen_dtype). The built-in task's tiny model: task.load_tiny_policy."""
-    return fu.on_device(lambda meta: hf_model(path, dtype, meta), device, frozen), load_tokenizer(path)
+    """(model, tokenizer) from a hub id or a local path, on `device`, sharded under torchrun, dropout
+    off. Trained: fp32, the master weights (bf16 compute comes from FSDP's policy on CUDA); frozen
+    (the reference): in dtype (see frozen_dtype). The built-in task's tiny model: task.load_tiny_policy."""
+    return fu.on_device(lambda meta: disable_dropout(hf_model(path, dtype, meta)), device, frozen), load_tokenizer(path)
+
+
+def enable_gradient_checkpointing(trained: nn.Module):
+    """Recompute each decoder block's activations in the backward instead of keeping them (HF's gradient
+    checkpointing, non-reentrant: the variant FSDP2 supports). For a ValueModel, on its backbone."""
+    hf = trained.backbone if isinstance(trained, ValueModel) else trained
+    hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class ValueModel(nn.Module):
     """Causal-LM backbone (AutoModel, no LM head) + nn.Linear(H, 1): one scalar per position.
-    forward -> u: (B, L). The GVM, the Bradley-Terry reward model and the PPO critic."""
+    forward -> u: (B, L). The GVM, the Bradley-Terry reward model and the PPO critic. The head is fp32
+    whatever the backbone's dtype (under FSDP2 it is its own unit with an fp32 policy): DVPO's signal is
+    the per-token increment w_t - w_{t-1}, which bf16 (steps of 2⁻⁸ near 1) would round to zero."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        self.value_head = nn.Linear(backbone.config.hidden_size, 1)
+        self.value_head = nn.Linear(backbone.config.hidden_size, 1, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)  # starts at 0 everywhere: no prior on the values
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids, attention_mask):
-        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask)).last_hidden_state  # (B, L, H)
-        return self.value_head(h.to(self.value_head.weight.dtype)).squeeze(-1)  # (B, L)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False).last_hidden_state  # (B, L, H)
+        return self.value_head(h.float()).squeeze(-1)  # (B, L), fp32
+
+
+FP32_MODULES = ("value_head",)  # fsdp_utils.shard gives these their own fp32 FSDP2 unit
 
 
 def new_value_model(path: str, device="cpu", dtype=torch.float32, frozen: bool = False) -> ValueModel:
-    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero,
-    on `device`, sharded under torchrun; trained: fp32 (frozen: in dtype, as load_value_model)."""
-    return fu.on_device(lambda meta: ValueModel(hf_model(path, dtype, meta, AutoModel)).to(dtype), device, frozen)
+    """A value model whose backbone starts from a causal LM (e.g. the SFT policy), head at zero, dropout
+    off, on `device`, sharded under torchrun; backbone trained: fp32 (frozen: in dtype); head fp32."""
+    return fu.on_device(lambda meta: disable_dropout(ValueModel(hf_model(path, dtype, meta, AutoModel))), device,
+                        frozen, FP32_MODULES)
 
 
 def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype=torch.float32,
@@ -120,14 +152,14 @@ def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype
             raise FileNotFoundError(f"{path}: missing {name}; {hint}")
 
     def load(meta):
-        vm = ValueModel(hf_model(path, dtype, meta, AutoModel))
+        vm = disable_dropout(ValueModel(hf_model(path, dtype, meta, AutoModel)))  # backbone in dtype, head fp32
         if not meta:
             vm.value_head.load_state_dict(load_file(os.path.join(path, "value_head.safetensors")))
-        return vm.to(dtype)
+        return vm
 
     with open(os.path.join(path, config_name)) as f:
         config = json.load(f)
-    return fu.on_device(load, device, frozen), load_tokenizer(path), config
+    return fu.on_device(load, device, frozen, FP32_MODULES), load_tokenizer(path), config
 
 
 def value_scale(config: dict, normalize: bool, path: str) -> float:
@@ -172,11 +204,12 @@ def terminal(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.gather(1, last_index(mask)[:, None]).squeeze(1)
 
 
-def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor):
+def value_chain(u: torch.Tensor, prompt_len: torch.Tensor, response_len: torch.Tensor, T: int | None = None):
     """Per-position values u (B, L) -> chain w (B, T+1) with w_k = u_{P-1+k}, and its mask
     (B, T+1) (1 on k = 0..T_b). P includes any τ prefix, so τ never enters the chain.
-    w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y) (docs/algorithm.md §1)."""
-    T = int(response_len.max())
+    w_0 = V(prompt), w_k = Q(s_k, a_k), w_T ≈ r(x, y) (docs/algorithm.md §1). T: the width (default:
+    the longest response here; pass the rollout's T so that micro-batches line up)."""
+    T = int(response_len.max()) if T is None else T  # CPU-GPU sync when T is not given
     return gather_response(u, prompt_len - 1, T + 1), data.response_mask(response_len + 1, T + 1)
 
 
@@ -188,28 +221,73 @@ def terminal_values(value_model, batch: dict) -> torch.Tensor:
     return terminal(w, mask)
 
 
-def response_logprobs(model, batch: dict, T: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log π(y_t | s_t) and the entropy of π(· | s_t) for t = 1..T, response-aligned (B, T).
-    Logits at position i score token i+1, so y_t (at P+t-1) is scored at position P+t-2."""
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    logits = model(input_ids=ids, attention_mask=am, position_ids=position_ids(am)).logits.float()  # (B, L, V)
-    start = batch["prompt_len"] - 1
-    logits = gather_response(logits, start, T) / temperature  # (B, T, V)
-    targets = gather_response(ids, start + 1, T)  # (B, T)
-    logp_all = F.log_softmax(logits, dim=-1)
+def _logprobs_chunk(logits: torch.Tensor, first: torch.Tensor, c: int, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool):
+    """One chunk of c response positions: logits (B, K, V) in the model's dtype, first (B,) the chunk's
+    first index in them, targets (B, c) -> log π (B, c) in fp32 and the entropy (B, c) (no gradient;
+    None unless asked). Positions past a row's end are clamped (masked by the caller)."""
+    chunk = gather_response(logits, first, c)  # (B, c, V)
+    logp_all = F.log_softmax(chunk.float() / temperature, dim=-1)  # fp32 for this chunk only
     logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logp, entropy
 
 
+def response_logprobs(policy, batch: dict, T: int, temperature: float = 1.0,
+                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log π(y_t | s_t) for t = 1..T, response-aligned (B, T), and the entropy of π(· | s_t) (B, T) when
+    with_entropy (for logging; no gradient). Logits at position i score token i+1, so y_t (at P+t-1) is
+    scored at position P+t-2. Memory: the LM head runs only from the earliest scoring position on
+    (logits_to_keep: exactly the T+1 last positions in the rollout layout, where every response starts
+    at column P), and log-softmax runs in fp32 on chunks of at most LOGITS_CHUNK elements; with gradients
+    each chunk is recomputed in the backward (checkpoint), so no fp32 (B, T, V) tensor is ever kept."""
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    start = batch["prompt_len"] - 1  # (B,) the position scoring y_1
+    keep = ids.shape[1] - int(start.min())  # CPU-GPU sync (once per forward): positions the LM head scores
+    logits = policy(input_ids=ids, attention_mask=am, position_ids=position_ids(am), logits_to_keep=keep,
+                    use_cache=False).logits  # (B, keep, V): position L - keep + j at index j
+    first = start - (ids.shape[1] - keep)  # (B,) index of y_1's scoring position in `logits`
+    targets = gather_response(ids, start + 1, T)  # (B, T)
+    B, V = ids.shape[0], logits.shape[-1]
+    step = max(1, LOGITS_CHUNK // (B * V))  # response positions per chunk
+    logps, entropies = [], []
+    for t0 in range(0, T, step):
+        c = min(step, T - t0)
+        args = (logits, first + t0, c, targets[:, t0:t0 + c], temperature, with_entropy)
+        if torch.is_grad_enabled():  # backward keeps only `logits` (shared by every chunk) and recomputes the rest
+            logp, entropy = checkpoint(_logprobs_chunk, *args, use_reentrant=False)
+        else:
+            logp, entropy = _logprobs_chunk(*args)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps, 1), torch.cat(entropies, 1) if with_entropy else None
+
+
 @torch.no_grad()
-def frozen_logprobs(model, batch: dict, T: int, temperature: float) -> torch.Tensor:
-    """log π(y_t | s_t) with no gradient, (B, T): the reference, or the policy before the update.
-    (no_grad, not inference_mode: under FSDP2 inference_mode would turn the trained policy's
-    gathered parameter buffers into inference tensors, which its next training step cannot update.)"""
-    logp, _ = response_logprobs(model, batch, T, temperature)
-    fu.reshard(model)  # FSDP2 keeps the root gathered after forward: free it
-    return logp.clone()
+def frozen_logprobs(policy, batch: dict, T: int, temperature: float, micro_batch_size: int = 0) -> torch.Tensor:
+    """log π(y_t | s_t) with no gradient, (B, T): the reference, or the policy before the update, in
+    micro-batches of micro_batch_size rows (0: all at once). (no_grad, not inference_mode: under FSDP2
+    inference_mode would turn the trained policy's gathered parameter buffers into inference tensors,
+    which its next training step cannot update.)"""
+    B = batch["input_ids"].shape[0]
+    step = micro_batch_size or B
+    out = [response_logprobs(policy, {k: batch[k][i:i + step] for k in BATCH_KEYS}, T, temperature)[0]
+           for i in range(0, B, step)]
+    fu.reshard(policy)  # FSDP2 keeps the root gathered after forward: free it
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def frozen_terminal_values(value_model, batch: dict, micro_batch_size: int = 0) -> torch.Tensor:
+    """terminal_values with no gradient, in micro-batches of micro_batch_size rows (0: all at once): (B,)."""
+    B = batch["input_ids"].shape[0]
+    step = micro_batch_size or B
+    out = [terminal_values(value_model, {k: batch[k][i:i + step] for k in BATCH_KEYS}) for i in range(0, B, step)]
+    fu.reshard(value_model)  # FSDP2 keeps the root gathered after forward: free it
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +307,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 @torch.no_grad()
-def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
+def generate(policy, input_ids, attention_mask, max_new_tokens: int, eos_id: int | list[int], pad_id: int,
              temperature: float = 1.0, top_p: float = 1.0, generator=None, min_new_tokens: int = 0):
     """Sample responses for left-padded prompts (B, P) with a KV cache. eos_id: the stop token, or a
     list of them (data.stop_token_ids); "EOS" below is any of them.
@@ -238,8 +316,9 @@ def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int 
     min_new_tokens forces fixed-length generation (EOS is masked until then; used by bench.py)."""
     stops = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=input_ids.device)
     position = position_ids(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    out = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                 logits_to_keep=1)  # prefill: the logits of the last position only
+    cache, logits = out.cache, out.logits[:, -1]
     B = input_ids.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
     length = torch.zeros(B, dtype=torch.long, device=input_ids.device)
@@ -257,9 +336,9 @@ def generate(model, input_ids, attention_mask, max_new_tokens: int, eos_id: int 
             break
         pos = pos + 1
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = policy(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], cache=cache,
+                     use_cache=True)
+        cache, logits = out.cache, out.logits[:, -1]
     return torch.stack(tokens, 1), length, ~done
 
 

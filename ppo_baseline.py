@@ -57,7 +57,9 @@ class Config:
     steps: int = 40  # rollout batches (PPO iterations)
     batch_size: int = 64  # prompts per rollout, global
     minibatch_size: int = 32  # sequences per optimizer step, global
-    micro_batch_size: int = 32  # sequences per forward/backward on one rank (gradient accumulation)
+    micro_batch_size: int = 32  # sequences per forward on one rank: training (gradient accumulation) and scoring
+    grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
+    #                            but an unsharded fp32 gradient of the trained model on every rank meanwhile)
     ppo_epochs: int = 4
     lr: float = 2e-4  # use ~1e-6 for real models (paper App. A: 2e-6)
     critic_lr: float = 2e-4  # PPO only: the critic's learning rate (same schedule)
@@ -78,13 +80,15 @@ class Config:
     gradient_checkpointing: bool = False
     frozen_dtype: str = "auto"  # frozen models: auto = bfloat16 on CUDA, float32 on CPU; or float32 / bfloat16
     eval_prompts: int = 1024  # held-out prompts for the before/after evaluation (0 = none)
+    eval_batch_size: int = 64  # held-out prompts generated at once on one rank (memory: their KV cache)
     eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
     save_every: int = 20  # steps between checkpoints (0 = only at the end); docs/checkpoints.md
     resume: str = "no"  # no: start fresh, refused over a checkpoint | auto: resume if there is one | yes: must resume
     overwrite: bool = False  # start fresh although out_dir holds a checkpoint (deletes it and metrics.jsonl)
     log_every: int = 1
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (this rank's GPU under torchrun)
+    dist_timeout_min: float = 60  # how long a collective may wait for the other ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,6 +111,16 @@ def value_loss_clipped(values, old_values, returns, mask, clip: float, n_tokens)
 # ----------------------------------------------------------------------------------------------
 # The step: score a rollout with the frozen models and the critic, then update the policy and the critic
 
+@torch.no_grad()  # the critic is trained, so no_grad, not inference_mode (see model.frozen_logprobs)
+def frozen_critic_values(critic, batch: dict, T: int, micro_batch_size: int) -> torch.Tensor:
+    """critic_values before the update, once per rollout batch, in micro-batches: (B, T)."""
+    B = batch["input_ids"].shape[0]
+    out = [critic_values(critic, {k: batch[k][i:i + micro_batch_size] for k in model.BATCH_KEYS}, T)
+           for i in range(0, B, micro_batch_size)]
+    fu.reshard(critic)  # FSDP2 keeps the root gathered after forward: free it
+    return torch.cat(out)
+
+
 @torch.no_grad()
 def init_critic(critic, scale: float):
     """The critic starts as the reward model, on the unit scale of the returns it will fit: the score
@@ -121,14 +135,10 @@ def score(policy, ref, rm, critic, batch: dict, beta: float, scale: float, cfg: 
     scores). Returns mask, old_logp, kl, old_values, returns, adv (B, T) and the RM score (B,), divided by scale."""
     T = batch["response"].shape[1]
     mask = data.response_mask(batch["response_len"], T)  # (B, T)
-    old_logp = model.frozen_logprobs(policy, batch, T, cfg.temperature)
-    ref_logp = model.frozen_logprobs(ref, batch, T, cfg.temperature)
-    with torch.inference_mode():  # PPO only: the reward model
-        rm_score = model.terminal_values(rm, batch).clone() / scale  # r(x, y) on a unit scale (§7), (B,)
-        fu.reshard(rm)  # FSDP2 keeps the root gathered after forward: free it
-    with torch.no_grad():  # PPO only: the critic is trained, so no_grad, not inference_mode (model.frozen_logprobs)
-        old_values = critic_values(critic, batch, T) * mask  # V_t = w_{t-1}
-        fu.reshard(critic)
+    old_logp = model.frozen_logprobs(policy, batch, T, cfg.temperature, cfg.micro_batch_size)
+    ref_logp = model.frozen_logprobs(ref, batch, T, cfg.temperature, cfg.micro_batch_size)
+    rm_score = model.frozen_terminal_values(rm, batch, cfg.micro_batch_size) / scale  # PPO only: r(x, y), (B,)
+    old_values = frozen_critic_values(critic, batch, T, cfg.micro_batch_size) * mask  # PPO only: V_t = w_{t-1}
     kl = (old_logp - ref_logp) * mask  # k1 estimator
     r_kl = -beta * kl
     adv_raw = gae_with_terminal_reward(old_values, rm_score, r_kl, mask, cfg.gamma, cfg.lam)  # the critic's V_t
@@ -166,11 +176,11 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
             mb_loss = torch.zeros((), device=mask.device)  # Σ over micro-batches of this rank's loss shares
             mb_vloss = torch.zeros((), device=mask.device)  # PPO only: the same for the value loss
             for mi in range(0, mb_rank, micro):
-                for m in (policy, critic):  # FSDP2: reduce-scatter after the last micro-batch only
-                    fu.grad_sync(m, mi + micro >= mb_rank)
+                for m in (policy, critic):  # FSDP2 reduce-scatter
+                    fu.grad_sync(m, cfg.grad_sync == "every" or mi + micro >= mb_rank)
                 i = mb_idx[mi:mi + micro].to(mask.device)
                 sub = {k: batch[k][i] for k in model.BATCH_KEYS}
-                logp, entropy = model.response_logprobs(policy, sub, T, cfg.temperature)
+                logp, entropy = model.response_logprobs(policy, sub, T, cfg.temperature, with_entropy=True)
                 loss, s = ppo_clip_loss(logp, sc["old_logp"][i], sc["adv"][i], mask[i], cfg.clip_eps, n_tokens)
                 (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
                 values = critic_values(critic, sub, T)  # PPO only: the value loss
@@ -201,11 +211,12 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
 # main: the recipe
 
 def main(cfg: Config):
-    device = fu.setup(cfg.device)
+    device = fu.setup(cfg.device, cfg.dist_timeout_min)
     for path, cmd in ((cfg.model, "python sft.py"), (cfg.rm, "python reward_model.py")):
         if path.startswith("out/") and not os.path.exists(path):
             sys.exit(f"ppo_baseline.py: {path} is missing; run `{cmd}` first")
     tu.check_batch_sizes(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size, fu.world())
+    tu.check_choice("grad_sync", cfg.grad_sync, ("every", "last"))
     tu.seed_everything(cfg.seed)
     ckpt = os.path.join(cfg.out_dir, "checkpoint")
     resume = checkpoint.resume_or_fresh(ckpt, cfg.resume, cfg.overwrite, "ppo_baseline.py")  # recovers the newest
@@ -224,8 +235,8 @@ def main(cfg: Config):
     if not resume:
         init_critic(critic, scale)  # on the sharded critic: an elementwise op on this rank's shards
     if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        critic.backbone.gradient_checkpointing_enable()
+        model.enable_gradient_checkpointing(policy)
+        model.enable_gradient_checkpointing(critic)
     policy.train()
     critic.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
@@ -239,7 +250,8 @@ def main(cfg: Config):
 
     def evaluate():  # held-out reward and KL to the reference, before and after training
         return evaluation.evaluate_policy(policy, ref, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens,
-                                          reward_fn, cfg.temperature, cfg.top_p, cfg.max_prompt_len)
+                                          reward_fn, cfg.temperature, cfg.top_p, cfg.max_prompt_len,
+                                          cfg.eval_batch_size, cfg.micro_batch_size)
 
     data.check_context(max(map(len, my_prompts)) + cfg.max_new_tokens, policy.config, "prompt + max_new_tokens")
 

@@ -52,6 +52,10 @@ class Config:
     out_dir: str = "out/rm"
     epochs: int = 2
     batch_size: int = 32  # pairs per optimizer step, global
+    micro_batch_size: int = 32  # pairs per forward/backward on one rank; also evaluation
+    gradient_checkpointing: bool = False
+    grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
+    #                            but an unsharded fp32 gradient of the trained model on every rank meanwhile)
     lr: float = 3e-4  # use ~2e-6 (paper App. A) for real models
     warmup_steps: int = 10
     grad_clip: float = 1.0
@@ -68,7 +72,8 @@ class Config:
     response: str = ""
     log_every: int = 20
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (this rank's GPU under torchrun)
+    dist_timeout_min: float = 60  # how long a collective may wait for the other ranks
 
 
 def load_rm(path: str, device="cpu", dtype=torch.float32, frozen: bool = False):
@@ -134,18 +139,19 @@ def make_batch(examples: list[dict], idx: list[int], pad_id: int) -> dict:
 # Evaluation
 
 @torch.no_grad()
-def evaluate(value_model, examples, pad_id, device, batch_size: int = 128) -> dict:
+def evaluate(value_model, examples, pad_id, device, micro_batch_size: int) -> dict:
     """Held-out Bradley-Terry loss and pairwise accuracy of r(chosen) > r(rejected), overall and per
-    sampling policy, and the scale statistic. Replicated on every rank (held-out sets are small), so
-    no collective is skipped."""
+    sampling policy, and the scale statistic. Each rank scores its strided share of the pairs in
+    micro-batches; the scores are all-gathered, so every rank returns the same numbers."""
     value_model.eval()
-    scores = []
-    for s in range(0, len(examples), batch_size):
-        idx = list(range(s, min(s + batch_size, len(examples))))
-        batch = {k: v.to(device) for k, v in make_batch(examples, idx, pad_id).items()}
-        scores.append(model.terminal_values(value_model, batch).cpu())
+    per_example = {}  # example index -> [r(chosen), r(rejected)]
+    for idx in evaluation.shard_batches(len(examples), micro_batch_size):
+        batch = {k: v.to(device) for k, v in make_batch(examples, idx or [0], pad_id).items()}
+        r = model.terminal_values(value_model, batch).tolist()  # CPU-GPU sync
+        for j, i in enumerate(idx):  # (a dummy batch, idx == [], adds nothing)
+            per_example[i] = r[2 * j:2 * j + 2]
     value_model.train()
-    r = torch.cat(scores)  # every held-out response, chosen and rejected alternating
+    r = torch.tensor([s for pair in evaluation.gather_by_index(per_example) for s in pair])  # chosen, rejected, ...
     out = {"eval/bt_loss": bt_loss(r[0::2], r[1::2], len(examples)).item(),
            "eval/pairwise_accuracy": evaluation.pairwise_accuracy(r[0::2], r[1::2]),
            "eval/value_mean": r.double().mean().item(),
@@ -176,13 +182,14 @@ def explain(cfg: Config):
 def main(cfg: Config):
     if cfg.explain:
         return explain(cfg)
-    device = fu.setup(cfg.device)
+    device = fu.setup(cfg.device, cfg.dist_timeout_min)
     world = fu.world()
+    tu.check_choice("grad_sync", cfg.grad_sync, ("every", "last"))
     if cfg.batch_size % world:  # every rank needs rows in every batch
         raise tu.ConfigError(f"--batch_size {cfg.batch_size} must be divisible by the {world} processes")
     tu.seed_everything(cfg.seed)  # the same on every rank
     metrics_path = tu.start_metrics(cfg.out_dir, vars(cfg))
-    if not os.path.exists(cfg.model):
+    if cfg.model.startswith("out/") and not os.path.exists(cfg.model):
         sys.exit(f"reward_model.py: no SFT policy at {cfg.model!r}; run `python sft.py` first (or pass --model)")
     tok = model.load_tokenizer(cfg.model)
 
@@ -200,11 +207,14 @@ def main(cfg: Config):
     data.check_context(prompt_max + response_max, value_model.backbone.config, "prompt + response")
     value_model.train()
     opt = torch.optim.AdamW(value_model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(value_model)
     steps_per_epoch = len(train) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         raise data.DataError(f"{len(train)} training pairs is fewer than one batch of {cfg.batch_size}; "
                              "lower --batch_size")
+    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
     t0 = time.time()
     step = 0
     bar = tqdm(total=total, desc="rm", disable=fu.rank() != 0)
@@ -213,23 +223,27 @@ def main(cfg: Config):
         tu.python_rng(cfg.seed, "rm/order", epoch).shuffle(order)  # the same order on every rank
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
-            batch = make_batch(train, idx, tok.pad_token_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-
-            # 3. Bradley-Terry at the last token: one forward over chosen and rejected rows
-            r = model.terminal_values(value_model, batch)  # (2B,) chosen and rejected alternating
-            loss = bt_loss(r[0::2], r[1::2], cfg.batch_size)  # a mean over the pairs of the global batch
 
             for g in opt.param_groups:
                 g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
             opt.zero_grad(set_to_none=True)
-            (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+            step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+            for mi in range(0, len(idx), micro):
+                fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+                batch = make_batch(train, idx[mi:mi + micro], tok.pad_token_id)
+                batch = {key: v.to(device) for key, v in batch.items()}
+
+                # 3. Bradley-Terry at the last token: one forward over chosen and rejected rows
+                r = model.terminal_values(value_model, batch)  # (2B,) chosen and rejected alternating
+                loss = bt_loss(r[0::2], r[1::2], cfg.batch_size)  # a mean over the pairs of the global batch
+                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+                step_loss += loss.detach()
             gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
             opt.step()
 
             if step % cfg.log_every == 0 or step == total - 1:
                 # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
-                m = fu.reduce_metrics({"train/bt_loss": (loss * world).detach(), "train/grad_norm": gnorm}, device)
+                m = fu.reduce_metrics({"train/bt_loss": step_loss * world, "train/grad_norm": gnorm}, device)
                 m.update({"step": step, "epoch": epoch, "train/lr": opt.param_groups[0]["lr"],
                           "time/seconds": time.time() - t0})
                 tu.append_jsonl(metrics_path, m)
@@ -238,8 +252,12 @@ def main(cfg: Config):
             step += 1
     bar.close()
 
-    # 4. evaluate on held-out pairs; compare with the gold reward's own accuracy (built-in task)
-    ev = evaluate(value_model, held, tok.pad_token_id, device)
+    # 4. save first (an out-of-memory in the evaluation must not lose the trained model), then evaluate on
+    #    held-out pairs; compare with the gold reward's own accuracy (built-in task)
+    rcfg = {"reward": "bradley_terry",
+            "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows)}  # --explain encodes alike
+    checkpoint.save_value_model(value_model, tok, cfg.out_dir, RM_CONFIG, rcfg)  # a collective: rank 0 writes
+    ev = evaluate(value_model, held, tok.pad_token_id, device, cfg.micro_batch_size)
     summary = {"train/pairs": len(train), "eval/pairs": len(held), "train/steps": total,
                "train/seconds": time.time() - t0, **ev}
     samplers = sorted({r["policy"].removeprefix("sft@") for r in eval_rows if r.get("policy")})
@@ -250,11 +268,10 @@ def main(cfg: Config):
         del policy
     if "gold_chosen" in eval_rows[0]:  # built-in task: the ceiling, the gold reward's own accuracy
         summary.update(evaluation.gold_accuracy(eval_rows))
-    rcfg = {"reward": "bradley_terry", "eval/pairwise_accuracy": ev["eval/pairwise_accuracy"],
-            "chat_prompts": any(isinstance(r["prompt"], list) for r in train_rows),  # --explain encodes alike
-            # fixed at training time, so the RL reward is stationary: ppo_baseline.py divides the score by value_std
-            "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]}
-    checkpoint.save_value_model(value_model, tok, cfg.out_dir, RM_CONFIG, rcfg)  # a collective: rank 0 writes
+    # the scale, fixed at training time so that the RL reward is stationary: the baselines divide the score by it
+    rcfg.update({"eval/pairwise_accuracy": ev["eval/pairwise_accuracy"], "value_mean": ev["eval/value_mean"],
+                 "value_std": ev["eval/value_std"]})
+    tu.write_json(os.path.join(cfg.out_dir, RM_CONFIG), rcfg)  # rank 0
     tu.finish(cfg.out_dir, summary)
     if "eval/rtg_corr" in summary:
         fu.print0("return-to-go rank correlation (value of a prefix vs its Monte Carlo return): " +

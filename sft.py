@@ -38,6 +38,10 @@ class Config:
     out_dir: str = "out/sft"
     steps: int = 1000  # optimizer steps
     batch_size: int = 64  # sequences per step, global (split over ranks)
+    micro_batch_size: int = 64  # sequences per forward/backward on one rank (gradient accumulation); also evaluation
+    gradient_checkpointing: bool = False
+    grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
+    #                            but an unsharded fp32 gradient of the trained model on every rank meanwhile)
     lr: float = 3e-3  # peak learning rate (use ~1e-5 for real models)
     warmup_steps: int = 50
     weight_decay: float = 0.0
@@ -49,10 +53,12 @@ class Config:
     eval_size: int = 64  # real data: examples held out (at most 10% of them), for eval NLL and --eval_reward
     eval_reward: str = ""  # module:function f(prompt, response) -> float; empty = built-in gold reward
     max_new_tokens: int = 16  # evaluation: tokens per sampled response
+    eval_batch_size: int = 64  # held-out prompts generated at once on one rank (memory: their KV cache)
     skip_bad: bool = False  # skip (and count) malformed records instead of stopping
     log_every: int = 50
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda (this rank's GPU under torchrun)
+    dist_timeout_min: float = 60  # how long a collective may wait for the other ranks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,7 +76,8 @@ def sft_loss(logp: torch.Tensor, mask: torch.Tensor, n_tokens) -> torch.Tensor:
 
 
 def main(cfg: Config):
-    device = fu.setup(cfg.device)
+    device = fu.setup(cfg.device, cfg.dist_timeout_min)
+    tu.check_choice("grad_sync", cfg.grad_sync, ("every", "last"))
     tu.seed_everything(cfg.seed)  # the same initial weights on every rank
     # FSDP2: sharded under torchrun (fully_shard per block, then root; each rank loads only its shards)
     policy, tok = model.load_policy(cfg.model, device) if cfg.model else task.load_tiny_policy(device, cfg.seed)
@@ -102,6 +109,8 @@ def main(cfg: Config):
                  "at least one (lower --eval_size, or use fewer processes)")
     data.check_context(max(len(p) + len(r) for p, r in train + held), policy.config, "prompt + response")
 
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing(policy)
     policy.train()
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics_path = tu.start_metrics(cfg.out_dir, vars(cfg))
@@ -110,7 +119,8 @@ def main(cfg: Config):
         if not reward_fn:
             return {}
         return evaluation.evaluate_policy(policy, None, tok, eval_prompts, device, cfg.seed, cfg.max_new_tokens,
-                                          reward_fn, max_prompt_len=cfg.max_prompt_len)
+                                          reward_fn, max_prompt_len=cfg.max_prompt_len,
+                                          batch_size=cfg.eval_batch_size, micro_batch_size=cfg.micro_batch_size)
     before = evaluate()
     if before:
         fu.print0(f"before training: held-out reward {before['reward']:.3f} ± {before['reward_stderr']:.3f} "
@@ -120,6 +130,7 @@ def main(cfg: Config):
     order, cursor, epoch = [], 0, 0  # the shuffled example order of the current epoch, and where we are in it
     world = fu.world()
     per_rank = cfg.batch_size // world
+    micro = min(cfg.micro_batch_size, per_rank)
     bar = tqdm(range(cfg.steps), desc="sft", disable=fu.rank() != 0)
     for step in bar:
         if cursor + cfg.batch_size > len(order):  # new epoch: the same shuffle on every rank
@@ -129,24 +140,30 @@ def main(cfg: Config):
             tu.python_rng(cfg.seed, "sft/order", epoch).shuffle(order)
         idx = order[cursor:cursor + cfg.batch_size][fu.rank()::world][:per_rank]  # this rank's rows
         cursor += cfg.batch_size
-        batch = data.collate_right([train[i][0] for i in idx], [train[i][1] for i in idx], tok.pad_token_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        T = int(batch["response_len"].max())
-        mask = data.response_mask(batch["response_len"], T)
-        n_tokens = fu.all_reduce_sum(mask.sum().detach().clone())  # all-reduce: global response-token count
-        logp, _ = model.response_logprobs(policy, batch, T)
-        loss = sft_loss(logp, mask, n_tokens)
+        n_local = torch.tensor(float(sum(len(train[i][1]) for i in idx)), device=device)
+        n_tokens = fu.all_reduce_sum(n_local)  # all-reduce: the response tokens of the step's global batch
 
         for g in opt.param_groups:
             g["lr"] = tu.lr_at(step, cfg.steps, cfg.warmup_steps, cfg.lr)
         opt.zero_grad(set_to_none=True)
-        (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+        step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+        for mi in range(0, len(idx), micro):
+            fu.grad_sync(policy, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+            sub = idx[mi:mi + micro]
+            batch = data.collate_right([train[i][0] for i in sub], [train[i][1] for i in sub], tok.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            T = max(len(train[i][1]) for i in sub)
+            mask = data.response_mask(batch["response_len"], T)
+            logp, _ = model.response_logprobs(policy, batch, T)
+            loss = sft_loss(logp, mask, n_tokens)
+            (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+            step_loss += loss.detach()
         gnorm = fu.grad_norm_clip(policy, cfg.grad_clip)  # all-reduce under FSDP2
         opt.step()
 
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
-            m = fu.reduce_metrics({"train/loss": (loss * world).detach(), "train/grad_norm": gnorm}, device)
+            m = fu.reduce_metrics({"train/loss": step_loss * world, "train/grad_norm": gnorm}, device)
             m.update({"step": step, "train/lr": opt.param_groups[0]["lr"], "time/seconds": time.time() - t0})
             tu.append_jsonl(metrics_path, m)
             bar.set_postfix(loss=f"{m['train/loss']:.3f}")
@@ -154,7 +171,7 @@ def main(cfg: Config):
     summary = {"train/steps": cfg.steps, "train/seconds": time.time() - t0,
                **evaluation.eval_summary(before, evaluate())}
     if held:
-        summary["eval/nll"] = eval_nll(policy, held, tok.pad_token_id, device)
+        summary["eval/nll"] = eval_nll(policy, held, tok.pad_token_id, device, cfg.micro_batch_size)
     checkpoint.save_hf(policy, tok, cfg.out_dir)  # a collective: rank 0 gathers and writes
     tu.finish(cfg.out_dir, summary)
     fu.print0(f"saved to {cfg.out_dir}")
@@ -163,7 +180,7 @@ def main(cfg: Config):
 
 
 @torch.no_grad()
-def eval_nll(policy, examples, pad_id: int, device, batch_size: int = 16) -> float:
+def eval_nll(policy, examples, pad_id: int, device, batch_size: int) -> float:
     """Response-token mean NLL over held-out examples (each rank its shard, summed over ranks)."""
     policy.eval()
     tot = torch.zeros(2, dtype=torch.float64, device=device)

@@ -79,6 +79,12 @@ def check_batch_sizes(batch_size: int, minibatch_size: int, micro_batch_size: in
                           "of micro_batch_size")
 
 
+def check_choice(name: str, value: str, choices: tuple):
+    """A flag that takes one of a few words."""
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 class NonFiniteError(RuntimeError):
     """A NaN or inf in a loss, an advantage or a gradient norm: the run stops (without saving)."""
 

@@ -86,12 +86,13 @@ class ScriptLM(torch.nn.Module):
         self.generation_config = GenerationConfig(eos_token_id=stop_ids)
         self.w = torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                logits_to_keep=0):
         nxt = (input_ids + 1) % self.vocab
         for a, e in self.after.items():
             nxt = torch.where(input_ids == a, torch.full_like(input_ids, e), nxt)
         logits = torch.zeros(*input_ids.shape, self.vocab).scatter(-1, nxt[..., None], 10.0)
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:], cache=cache)
 
 
 def test_rollout_and_evaluation_stop_at_every_stop_token(chat_tok):

@@ -365,7 +365,7 @@ def test_response_logprobs_padding_invariant(tiny):
         alone = []
         for p, r in zip(prompts, responses):
             b = data.collate_right([p], [r], tk.pad_token_id)
-            logp, ent = mdl.response_logprobs(model, b, len(r))
+            logp, ent = mdl.response_logprobs(model, b, len(r), with_entropy=True)
             # index convention: y_t sits at P+t-1 and is scored by the logits at P+t-2
             z = torch.tensor([p + r])
             lsm = torch.log_softmax(model(input_ids=z).logits.float()[0], -1)
@@ -478,11 +478,12 @@ class CounterLM(torch.nn.Module):
         super().__init__()
         self.vocab, self.stop, self.eos, self.calls = vocab, stop, eos, 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False,
+                logits_to_keep=0):
         self.calls += 1
         nxt = torch.where(input_ids == self.stop, torch.full_like(input_ids, self.eos), (input_ids + 1) % self.vocab)
         logits = torch.zeros(*input_ids.shape, self.vocab).scatter(-1, nxt[..., None], 10.0)
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:], cache=cache)
 
 
 def test_generate_eos_padding_lengths_truncation():

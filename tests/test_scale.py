@@ -85,7 +85,7 @@ def test_scaling_the_reward_model_head_leaves_ppo_unchanged(setup):
     out = {}
     for name in ("value", "scaled"):
         rm = setup[name]
-        s = reward_model.evaluate(rm, held, setup["tok"].pad_token_id, "cpu")["eval/value_std"]
+        s = reward_model.evaluate(rm, held, setup["tok"].pad_token_id, "cpu", 32)["eval/value_std"]
         critic = copy.deepcopy(rm)
         ppo_baseline.init_critic(critic, s)
         out[name] = (s, ppo_baseline.score(setup["policy"], setup["ref"], rm, critic, setup["batch"], 0.2, s,

@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOMS = {"fsdp_utils", "train_utils", "data", "model", "task", "evaluation", "checkpoint"}  # concepts, not scripts
 SCRIPTS = {"sft", "gvm", "reward_model", "dvpo", "ppo_baseline", "grpo_baseline", "dpo_baseline"}  # the recipes
 MIRRORS = [("dvpo", "ppo_baseline"), ("dvpo", "grpo_baseline"), ("gvm", "reward_model")]
-MIRROR_EXCEPTIONS = {("gvm", "reward_model"): {"data", "batch_size"}}  # the GVM also reads scored rows (comments say)
+# fields whose comments differ on purpose: the GVM also reads scored rows (the comments say so)
+MIRROR_EXCEPTIONS = {("gvm", "reward_model"): {"data", "batch_size", "micro_batch_size"}}
 SOFT_CEILING = 600  # lines per file: a file this long probably holds two concepts
 
 
