@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -237,6 +238,26 @@ def load_rows(path: str, eval_path: str, kind: str, skip_bad: bool, frac: float,
     return rows, held
 
 
+GVM_PAIRS = ("out/gvm/pairs_train.jsonl", "out/gvm/pairs_eval.jsonl")  # written by gvm.py: the exact split
+
+
+def load_pairs(path: str, eval_path: str, skip_bad: bool, frac: float, seed: int) -> tuple[list, list]:
+    """(training pairs, held-out pairs) for the pairwise trainers (reward_model.py, dpo_baseline.py): a
+    file with eval_path or a split (the same split as gvm.py's of that file), or, without a file, the
+    exact pairs gvm.py trained and evaluated on (GVM_PAIRS), so every method sees the same data."""
+    if not path:
+        if not os.path.exists(GVM_PAIRS[0]):
+            raise DataError(f"{GVM_PAIRS[0]} is missing; run `python gvm.py` first (the baselines train on "
+                            "exactly the GVM's pairs), or pass --data")
+        with open(GVM_PAIRS[0]) as f_train, open(GVM_PAIRS[1]) as f_eval:
+            return [json.loads(line) for line in f_train], [json.loads(line) for line in f_eval]
+    train_rows, eval_rows = load_rows(path, eval_path, "preference", skip_bad, frac, seed)
+    if not eval_rows:
+        raise DataError(f"{path}: {len(train_rows)} pair(s); at least 2 are needed (one held out), or pass "
+                        "--eval_data")
+    return train_rows, eval_rows
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Tokenization: exact prompt/response boundaries
 
@@ -326,6 +347,18 @@ def decode_response(tokenizer, ids, stop_ids=None) -> str:
     return tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
+def encode_pairs(rows: list[dict], tok, max_prompt_len: int, max_response_len: int,
+                 trunc: TruncationStats) -> list[dict]:
+    """Preference rows {prompt, chosen, rejected, policy} -> token ids {prompt, chosen, rejected, policy}."""
+    out = []
+    for r in rows:
+        e = {"prompt": encode_prompt(tok, r["prompt"], max_prompt_len, trunc), "policy": r.get("policy")}
+        for k in ("chosen", "rejected"):
+            e[k] = encode_response(tok, r[k], max_response_len, trunc)
+        out.append(e)
+    return out
+
+
 def check_context(longest: int, model_config, what: str):
     """Fail before training, not deep in the loop, if a sequence exceeds the model's context."""
     limit = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", None)
@@ -350,6 +383,17 @@ def collate_right(prompts: list[list[int]], responses: list[list[int]], pad_id: 
     return {"input_ids": ids, "attention_mask": mask,
             "prompt_len": torch.tensor([len(p) for p in prompts]),
             "response_len": torch.tensor([len(r) for r in responses])}
+
+
+def collate_pairs(examples: list[dict], idx: list[int], pad_id: int) -> dict:
+    """Encoded pairs idx -> a right-padded batch whose consecutive rows are each pair's chosen and
+    rejected response (0::2 chosen, 1::2 rejected)."""
+    prompts, responses = [], []
+    for i in idx:
+        for k in ("chosen", "rejected"):
+            prompts.append(examples[i]["prompt"])
+            responses.append(examples[i][k])
+    return collate_right(prompts, responses, pad_id)
 
 
 def collate_left(prompts: list[list[int]], pad_id: int) -> dict:

@@ -162,6 +162,29 @@ def load_value_model(path: str, config_name: str, hint: str, device="cpu", dtype
     return fu.on_device(load, device, frozen, FP32_MODULES), load_tokenizer(path), config
 
 
+REWARDS = {"rm": ("rm_config.json", "python reward_model.py"), "gvm": ("gvm_config.json", "python gvm.py")}
+
+
+def parse_reward(spec: str) -> tuple[str, str]:
+    """--reward rm:PATH | gvm:PATH -> (kind, path)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in REWARDS or not path:
+        raise tu.ConfigError(f"--reward must be rm:PATH (a reward model) or gvm:PATH (a GVM), got {spec!r}")
+    return kind, path
+
+
+def load_reward(spec: str, device="cpu", dtype=torch.float32, frozen: bool = True):
+    """The scorer of whole responses in the baselines, --reward rm:PATH | gvm:PATH: a value model read at
+    each response's last token (terminal_values), a Bradley-Terry reward model's score or a GVM's
+    terminal value w_T. (value model, tokenizer, config); frozen unless frozen=False (a critic's start)."""
+    kind, path = parse_reward(spec)
+    config_name, cmd = REWARDS[kind]
+    vm, tok, config = load_value_model(path, config_name, f"train one with `{cmd}`", device, dtype, frozen)
+    if kind == "gvm" and config.get("tau_k", 0):
+        fu.print0(f"note: {path} was trained with tau_k={config['tau_k']}; as a sequence score it reads w_T without τ")
+    return vm, tok, config
+
+
 def value_scale(config: dict, normalize: bool, path: str) -> float:
     """The std of a value model's terminal value over its held-out responses, recorded when it was
     trained (docs/algorithm.md §7): RL divides w_T (or the RM score) by it. 1.0 when not normalizing."""

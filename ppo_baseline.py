@@ -1,5 +1,7 @@
 """ppo_baseline.py — standard RLHF, the baseline DVPO is compared against: actor-critic PPO with GAE,
-scored by a frozen Bradley-Terry reward model (reward_model.py; docs/algorithm.md §6). Same rollout,
+scored by a frozen Bradley-Terry reward model (reward_model.py; docs/algorithm.md §6) — or, as a control,
+by a GVM's terminal value w_T (--reward gvm:PATH), with a critic that can start from the GVM
+(--critic_init; docs/algorithm.md §12). Same rollout,
 clipped policy loss, normalization, hyperparameters and logging as dvpo.py (the algorithm pieces are
 imported from it), so the only differences are the ones the paper (arXiv:2502.16944v1) claims matter:
 a reward model instead of a GVM, and a trained critic.
@@ -9,7 +11,8 @@ Per step:
      per prompt.
   2. Frozen forwards, once per rollout batch: old log-probs (π_θ), reference log-probs (π_ref), the
      reward model's score r(x, y) at the last response token, and the critic's old values V_t (a value
-     head on every position, V_t = u_{P+t-2}: the value chain's w_{t-1}).
+     head on every position, V_t = u_{P+t-2}: the value chain's w_{t-1}). The critic starts as the
+     reward model, its head on the unit scale of the returns (--critic_init).
   3. KL penalty as a per-token reward: r^KL_t = -β (log π_θ(y_t) - log π_ref(y_t)).
   4. Advantages: r_t = r^KL_t + [t = T] r(x, y), GAE(γ, λ) with the critic's V_t -> A_t, returns
      R_t = A_t + V_t; A whitened over the global batch (masked batch normalization).
@@ -23,8 +26,9 @@ Per step:
 
 Launch:
   python ppo_baseline.py                         # built-in task: out/sft + out/rm -> out/ppo
-  python ppo_baseline.py --model <hub id or path> --rm out/rm --prompts prompts.jsonl
-  torchrun --nproc_per_node 8 ppo_baseline.py --model <path> --rm <path> --prompts prompts.jsonl
+  python ppo_baseline.py --model <hub id or path> --reward rm:out/rm --prompts prompts.jsonl
+  python ppo_baseline.py --reward gvm:out/gvm --critic_init reward          # the controls: PPO on the GVM's w_T
+  torchrun --nproc_per_node 8 ppo_baseline.py --model <path> --reward rm:<path> --prompts prompts.jsonl
 """
 from __future__ import annotations
 
@@ -44,14 +48,16 @@ import model
 import train_utils as tu
 from dvpo import gae_with_terminal_reward, kl_controller, masked_batch_norm, masked_mean, ppo_clip_loss
 
-RM_CONFIG = "rm_config.json"  # the frozen reward model's config: the value scale (reward_model.py)
 CRITIC_CONFIG = "critic_config.json"  # PPO only: the critic's folder, saved with the policy
 
 
 @dataclass
 class Config:
     model: str = "out/sft"  # initial policy (and frozen reference): hub id or path
-    rm: str = "out/rm"  # frozen reward model folder (reward_model.py); the critic starts from it too
+    reward: str = "rm:out/rm"  # the frozen scorer: rm:PATH (reward_model.py) or gvm:PATH (gvm.py; its w_T)
+    critic_init: str = "reward"  # PPO only: the critic starts as reward (the scorer's model) | sft (--model's
+    #                               backbone, zero head) | rm:PATH | gvm:PATH (value pretraining)
+    critic_warmup_steps: int = 0  # PPO only: the first steps train the critic alone (the policy waits)
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
     out_dir: str = "out/ppo"
     steps: int = 40  # rollout batches (PPO iterations)
@@ -121,6 +127,21 @@ def frozen_critic_values(critic, batch: dict, T: int, micro_batch_size: int) -> 
     return torch.cat(out)
 
 
+def load_critic(cfg: Config, resume_from: str, device):
+    """The trained critic (fp32), sharded under torchrun: resumed from a checkpoint folder, or started
+    from --critic_init: the scorer's own value model (reward; today's PPO: the critic starts as the RM),
+    a GVM or RM folder (gvm:PATH, rm:PATH: value pretraining), each with its head on the unit scale of
+    the returns (init_critic), or sft: --model's backbone with a zero head (V = 0 at the start)."""
+    if resume_from:
+        return model.load_value_model(resume_from, CRITIC_CONFIG, "a broken checkpoint", device)[0]
+    if cfg.critic_init == "sft":
+        return model.new_value_model(cfg.model, device)
+    spec = cfg.reward if cfg.critic_init == "reward" else cfg.critic_init
+    critic, _, config = model.load_reward(spec, device, frozen=False)
+    init_critic(critic, model.value_scale(config, cfg.normalize_reward, spec))  # elementwise on this rank's shards
+    return critic
+
+
 @torch.no_grad()
 def init_critic(critic, scale: float):
     """The critic starts as the reward model, on the unit scale of the returns it will fit: the score
@@ -129,7 +150,7 @@ def init_critic(critic, scale: float):
     critic.value_head.bias.div_(scale)
 
 
-def score(policy, ref, rm, critic, batch: dict, beta: float, scale: float, cfg: Config, device) -> dict:
+def score(policy, ref, scorer, critic, batch: dict, beta: float, scale: float, cfg: Config, device) -> dict:
     """Steps 2-4: the frozen forwards and the critic's old values, once per rollout batch (reused by
     every PPO epoch), the KL penalty, GAE and the returns. `scale`: the RM's held-out std (1 = raw
     scores). Returns mask, old_logp, kl, old_values, returns, adv (B, T) and the RM score (B,), divided by scale."""
@@ -137,7 +158,7 @@ def score(policy, ref, rm, critic, batch: dict, beta: float, scale: float, cfg: 
     mask = data.response_mask(batch["response_len"], T)  # (B, T)
     old_logp = model.frozen_logprobs(policy, batch, T, cfg.temperature, cfg.micro_batch_size)
     ref_logp = model.frozen_logprobs(ref, batch, T, cfg.temperature, cfg.micro_batch_size)
-    rm_score = model.frozen_terminal_values(rm, batch, cfg.micro_batch_size) / scale  # PPO only: r(x, y), (B,)
+    rm_score = model.frozen_terminal_values(scorer, batch, cfg.micro_batch_size) / scale  # PPO only: r(x, y), (B,)
     old_values = frozen_critic_values(critic, batch, T, cfg.micro_batch_size) * mask  # PPO only: V_t = w_{t-1}
     kl = (old_logp - ref_logp) * mask  # k1 estimator
     r_kl = -beta * kl
@@ -162,6 +183,7 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
     total = cfg.steps * cfg.ppo_epochs * (per_rank // mb_rank)  # optimizer steps of the run (LR schedule)
     stats = {"policy_loss": [], "clipfrac": [], "approx_kl": [], "entropy": [], "grad_norm": [],
              "value_loss": [], "critic_grad_norm": []}
+    train_policy = step >= cfg.critic_warmup_steps  # PPO only: during the critic's warm-up the policy waits
     for epoch in range(cfg.ppo_epochs):
         perm = torch.randperm(per_rank, generator=tu.torch_rng(cfg.seed, "minibatch", step, epoch))
         for mb in range(0, per_rank, mb_rank):
@@ -182,7 +204,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
                 sub = {k: batch[k][i] for k in model.BATCH_KEYS}
                 logp, entropy = model.response_logprobs(policy, sub, T, cfg.temperature, with_entropy=True)
                 loss, s = ppo_clip_loss(logp, sc["old_logp"][i], sc["adv"][i], mask[i], cfg.clip_eps, n_tokens)
-                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+                if train_policy:
+                    (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
                 values = critic_values(critic, sub, T)  # PPO only: the value loss
                 vloss = value_loss_clipped(values, sc["old_values"][i], sc["returns"][i], mask[i], cfg.value_clip,
                                            n_tokens)
@@ -196,7 +219,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
             stats["value_loss"].append(mb_vloss * world)
             stats["grad_norm"].append(fu.grad_norm_clip(policy, cfg.grad_clip))  # all-reduce under FSDP2
             stats["critic_grad_norm"].append(fu.grad_norm_clip(critic, cfg.grad_clip))
-            opt.step()
+            if train_policy:
+                opt.step()
             critic_opt.step()
             opt_step += 1
     opt.zero_grad(set_to_none=True)  # no gradients held through the next rollout and frozen forwards
@@ -212,7 +236,8 @@ def update(policy, critic, opt, critic_opt, batch: dict, sc: dict, cfg: Config, 
 
 def main(cfg: Config):
     device = fu.setup(cfg.device, cfg.dist_timeout_min)
-    for path, cmd in ((cfg.model, "python sft.py"), (cfg.rm, "python reward_model.py")):
+    kind, reward_path = model.parse_reward(cfg.reward)
+    for path, cmd in ((cfg.model, "python sft.py"), (reward_path, model.REWARDS[kind][1])):
         if path.startswith("out/") and not os.path.exists(path):
             sys.exit(f"ppo_baseline.py: {path} is missing; run `{cmd}` first")
     tu.check_batch_sizes(cfg.batch_size, cfg.minibatch_size, cfg.micro_batch_size, fu.world())
@@ -227,13 +252,9 @@ def main(cfg: Config):
     frozen_dtype = model.frozen_dtype(cfg.frozen_dtype, device)
     policy, tok = model.load_policy(ckpt if resume else cfg.model, device)
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
-    rm, _, rcfg = model.load_value_model(cfg.rm, RM_CONFIG, "train one with `python reward_model.py`", device,
-                                         dtype=frozen_dtype, frozen=True)  # PPO only: the frozen reward model
-    critic_path, critic_config = (os.path.join(ckpt, "critic"), CRITIC_CONFIG) if resume else (cfg.rm, RM_CONFIG)
-    critic, _, _ = model.load_value_model(critic_path, critic_config, "a broken checkpoint", device)  # PPO only
-    scale = model.value_scale(rcfg, cfg.normalize_reward, cfg.rm)
-    if not resume:
-        init_critic(critic, scale)  # on the sharded critic: an elementwise op on this rank's shards
+    scorer, _, rcfg = model.load_reward(cfg.reward, device, dtype=frozen_dtype)  # PPO only: the frozen scorer
+    scale = model.value_scale(rcfg, cfg.normalize_reward, reward_path)
+    critic = load_critic(cfg, os.path.join(ckpt, "critic") if resume else "", device)  # PPO only
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(policy)
         model.enable_gradient_checkpointing(critic)
@@ -280,7 +301,7 @@ def main(cfg: Config):
         t_gen = time.time() - t0
 
         # 2-4. frozen forwards (PPO only: the reward model and the critic), KL penalty, GAE with the critic
-        sc = score(policy, ref, rm, critic, batch, state["kl_beta"], scale, cfg, device)
+        sc = score(policy, ref, scorer, critic, batch, state["kl_beta"], scale, cfg, device)
         tu.check_finite(sc["adv"], "advantage", step + 1)  # from global batch statistics: every rank agrees
         t_score = time.time() - t0 - t_gen
 
@@ -290,7 +311,7 @@ def main(cfg: Config):
         # 6. bookkeeping: logs, KL controller, checkpoint
         mask = sc["mask"]
         dt = time.time() - t0
-        m = {"rm/score": sc["score"].mean(), "critic/value_prompt": sc["old_values"][:, 0].mean(),
+        m = {f"{kind}/score": sc["score"].mean(), "critic/value_prompt": sc["old_values"][:, 0].mean(),
              "kl": sc["kl"].sum(1).mean(),
              "response_len": batch["response_len"].float().mean(), "truncated": batch["truncated"].float().mean(),
              "tokens_per_s": mask.sum() * fu.world() / dt, **tu.mean_of(stats)}  # mean_of: CPU-GPU sync
@@ -298,28 +319,28 @@ def main(cfg: Config):
             r = evaluation.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen RM still rank this policy's samples?
             corr = evaluation.rank_correlation(sc["score"], torch.tensor(r))
-            m["rm/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean
+            m[f"{kind}/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean
         m = tu.step_row(m, device, step=step + 1, lr=opt.param_groups[0]["lr"], **{
             "time/step_s": dt, "time/generate_s": t_gen, "time/score_s": t_score})  # all-reduce: every rank, same keys
         if cfg.kl_target > 0:
             state["kl_beta"] = kl_controller(state["kl_beta"], m["kl"], cfg.kl_target, cfg.batch_size, cfg.kl_horizon)
         m["kl_beta"] = state["kl_beta"]
         state["step"] = step + 1
-        if "rm/reward_corr" in m:  # value drift: the last step's value goes to summary.json
-            state["reward_corr"] = m["rm/reward_corr"]
+        if f"{kind}/reward_corr" in m:  # value drift: the last step's value goes to summary.json
+            state["reward_corr"] = m[f"{kind}/reward_corr"]
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             tu.append_jsonl(metrics_path, m)
-        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), rm=f"{m['rm/score']:.3f}",
+        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), score=f"{m[f'{kind}/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             checkpoint.save_checkpoint(ckpt, tok, state, trained)  # a collective: rank 0 writes
 
     # final evaluation and outputs
     summary = {"train/steps": state["step"], "train/seconds": time.time() - t_start,
-               "rm/pairwise_accuracy": rcfg.get("eval/pairwise_accuracy", float("nan")), "rm/scale": scale,
+               "reward": cfg.reward, "critic_init": cfg.critic_init, f"{kind}/scale": scale,
                **evaluation.eval_summary(state["before"], evaluate())}
     if "reward_corr" in state:
-        summary["rm/reward_corr_final"] = state["reward_corr"]
+        summary[f"{kind}/reward_corr_final"] = state["reward_corr"]
     checkpoint.save_checkpoint(ckpt, tok, state, trained)
     checkpoint.save_hf(policy, tok, cfg.out_dir)  # a collective: rank 0 gathers and writes
     checkpoint.save_value_model(critic, tok, os.path.join(cfg.out_dir, "critic"), CRITIC_CONFIG,  # PPO only

@@ -22,7 +22,6 @@ Launch:
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -93,49 +92,6 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_pairs) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------
-# Data: pairs (the GVM's, or a file), batches
-
-def load_pairs(cfg: Config) -> tuple[list, list]:
-    """(training rows, held-out rows): --data with --eval_data or a split (the same split as gvm.py's
-    of that file), or the exact pairs gvm.py trained and evaluated on."""
-    if not cfg.data:
-        train_path, eval_path = "out/gvm/pairs_train.jsonl", "out/gvm/pairs_eval.jsonl"
-        if not os.path.exists(train_path):
-            raise data.DataError("out/gvm/pairs_train.jsonl is missing; run `python gvm.py` first (the reward "
-                                 "model trains on exactly the GVM's pairs), or pass --data")
-        with open(train_path) as f_train, open(eval_path) as f_eval:
-            return [json.loads(line) for line in f_train], [json.loads(line) for line in f_eval]
-    train_rows, eval_rows = data.load_rows(cfg.data, cfg.eval_data, "preference", cfg.skip_bad, cfg.eval_frac,
-                                           cfg.seed)
-    if not eval_rows:
-        raise data.DataError(f"{cfg.data}: {len(train_rows)} pair(s); the reward model needs at least 2 (one held "
-                             "out), or pass --eval_data")
-    return train_rows, eval_rows
-
-
-def encode_rows(rows: list[dict], tok, cfg: Config, trunc: data.TruncationStats) -> list[dict]:
-    """Rows {prompt, chosen, rejected, policy} -> token ids."""
-    out = []
-    for r in rows:
-        e = {"prompt": data.encode_prompt(tok, r["prompt"], cfg.max_prompt_len, trunc), "policy": r.get("policy")}
-        for k in ("chosen", "rejected"):
-            e[k] = data.encode_response(tok, r[k], cfg.max_response_len, trunc)
-        out.append(e)
-    return out
-
-
-def make_batch(examples: list[dict], idx: list[int], pad_id: int) -> dict:
-    """Sequences x ⊕ y for examples idx, chosen and rejected of each pair as consecutive rows
-    (0::2 chosen, 1::2 rejected)."""
-    prompts, responses = [], []
-    for i in idx:
-        for k in ("chosen", "rejected"):
-            prompts.append(examples[i]["prompt"])
-            responses.append(examples[i][k])
-    return data.collate_right(prompts, responses, pad_id)
-
-
-# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.no_grad()
@@ -146,7 +102,7 @@ def evaluate(value_model, examples, pad_id, device, micro_batch_size: int) -> di
     value_model.eval()
     per_example = {}  # example index -> [r(chosen), r(rejected)]
     for idx in evaluation.shard_batches(len(examples), micro_batch_size):
-        batch = {k: v.to(device) for k, v in make_batch(examples, idx or [0], pad_id).items()}
+        batch = {k: v.to(device) for k, v in data.collate_pairs(examples, idx or [0], pad_id).items()}
         r = model.terminal_values(value_model, batch).tolist()  # CPU-GPU sync
         for j, i in enumerate(idx):  # (a dummy batch, idx == [], adds nothing)
             per_example[i] = r[2 * j:2 * j + 2]
@@ -194,10 +150,10 @@ def main(cfg: Config):
     tok = model.load_tokenizer(cfg.model)
 
     # 1. data: preference pairs, the GVM's split
-    train_rows, eval_rows = load_pairs(cfg)
+    train_rows, eval_rows = data.load_pairs(cfg.data, cfg.eval_data, cfg.skip_bad, cfg.eval_frac, cfg.seed)
     trunc = data.TruncationStats()
-    train = encode_rows(train_rows, tok, cfg, trunc)
-    held = encode_rows(eval_rows, tok, cfg, trunc)
+    train = data.encode_pairs(train_rows, tok, cfg.max_prompt_len, cfg.max_response_len, trunc)
+    held = data.encode_pairs(eval_rows, tok, cfg.max_prompt_len, cfg.max_response_len, trunc)
     fu.print0(f"{len(train)} training and {len(held)} held-out preference rows; {trunc.summary()}")
 
     # 2. model: SFT backbone + zero-initialised value head
@@ -230,7 +186,7 @@ def main(cfg: Config):
             step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
             for mi in range(0, len(idx), micro):
                 fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
-                batch = make_batch(train, idx[mi:mi + micro], tok.pad_token_id)
+                batch = data.collate_pairs(train, idx[mi:mi + micro], tok.pad_token_id)
                 batch = {key: v.to(device) for key, v in batch.items()}
 
                 # 3. Bradley-Terry at the last token: one forward over chosen and rejected rows

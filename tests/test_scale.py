@@ -81,7 +81,7 @@ def test_scaling_the_reward_model_head_leaves_ppo_unchanged(setup):
     """The RM's recorded std (reward_model.evaluate: its scores over held-out responses) scales with its
     head; the score is divided by it and the critic starts as the RM with its head divided by it
     (ppo_baseline.main)."""
-    held = reward_model.encode_rows(setup["held_rows"], setup["tok"], reward_model.Config(), data.TruncationStats())
+    held = data.encode_pairs(setup["held_rows"], setup["tok"], 512, 512, data.TruncationStats())
     out = {}
     for name in ("value", "scaled"):
         rm = setup[name]

@@ -24,12 +24,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(args, nproc=1, timeout=300):
-    """Run a repo script (single process or torchrun); fail with its output on error."""
+def run(args, nproc=1, timeout=300, ok=True):
+    """Run a repo script (single process or torchrun); fail with its output on error (ok=False: it must
+    fail, with exit code 1 and no traceback)."""
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                                "--master_port", str(free_port())] if nproc > 1 else []) + args
     p = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    if ok:
+        assert p.returncode == 0, f"{' '.join(cmd)}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    else:
+        assert p.returncode == 1 and "Traceback" not in p.stderr, f"{' '.join(cmd)}\n{p.stderr[-3000:]}"
     return p.stdout + p.stderr
 
 
