@@ -53,7 +53,7 @@ class Config:
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
     out_dir: str = "out/dvpo"
     steps: int = 40  # rollout batches (PPO iterations)
-    batch_size: int = 64  # prompts per rollout, global
+    batch_size: int = 64  # responses per rollout, global
     minibatch_size: int = 32  # sequences per optimizer step, global
     micro_batch_size: int = 32  # sequences per forward on one rank: training (gradient accumulation) and scoring
     grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,

@@ -59,8 +59,8 @@ class Config:
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
     out_dir: str = "out/grpo"
     steps: int = 40  # rollout batches (PPO iterations)
-    batch_size: int = 64  # responses per rollout, global (batch_size / group_size prompts)
-    group_size: int = 4  # GRPO only: responses per prompt, n
+    batch_size: int = 64  # responses per rollout, global
+    group_size: int = 4  # GRPO only: responses per prompt, n (batch_size / n prompts per rollout)
     minibatch_size: int = 32  # sequences per optimizer step, global
     micro_batch_size: int = 32  # sequences per forward on one rank: training (gradient accumulation) and scoring
     grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,

@@ -61,7 +61,7 @@ class Config:
     prompts: str = ""  # prompts JSONL/JSON ({prompt} or {messages}); empty = built-in task
     out_dir: str = "out/ppo"
     steps: int = 40  # rollout batches (PPO iterations)
-    batch_size: int = 64  # prompts per rollout, global
+    batch_size: int = 64  # responses per rollout, global
     minibatch_size: int = 32  # sequences per optimizer step, global
     micro_batch_size: int = 32  # sequences per forward on one rank: training (gradient accumulation) and scoring
     grad_sync: str = "every"  # every: reduce-scatter each micro-batch's gradients | last: once per step (faster,
@@ -330,7 +330,8 @@ def main(cfg: Config):
             state["reward_corr"] = m[f"{kind}/reward_corr"]
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             tu.append_jsonl(metrics_path, m)
-        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}), score=f"{m[f'{kind}/score']:.3f}",
+        bar.set_postfix(**({"reward": f"{m['reward']:.3f}"} if "reward" in m else {}),
+                        score=f"{m[f'{kind}/score']:.3f}",
                         kl=f"{m['kl']:.3f}", vloss=f"{m['value_loss']:.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             checkpoint.save_checkpoint(ckpt, tok, state, trained)  # a collective: rank 0 writes

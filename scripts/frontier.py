@@ -71,7 +71,8 @@ def command(out: str, method: str, beta: float, seed: int, steps: int, extra: li
     common = ["--seed", str(seed), "--out_dir", run_dir(out, method, beta, seed, steps)]
     if method == "dpo":
         return [sys.executable] + args + ["--beta", str(beta)] + common + extra
-    return [sys.executable] + args + ["--kl_beta", str(beta), "--steps", str(steps), "--save_every", "0"] + common + extra
+    rl = ["--kl_beta", str(beta), "--steps", str(steps), "--save_every", "0"]
+    return [sys.executable] + args + rl + common + extra
 
 
 def run_one(out: str, method: str, beta: float, seed: int, steps: int, extra: list) -> float:
@@ -178,8 +179,8 @@ def matched_kl(res: dict, steps: int, kls=(0.5, 1, 2, 4)) -> str:
                 txt += f" ({(v[0] - ref[k][0]) / max(v[1], ref[k][1], 1e-9):+.1f} se vs DVPO)"
             cells.append(txt)
         best = max(ps, key=lambda p: p["gold"])
-        out.append(f"| {m} | " + " | ".join(cells) + f" | {best['beta']:g}: {best['gold']:.3f} ± {best['gold_se']:.3f},"
-                   f" {best['kl']:.2f} |")
+        out.append(f"| {m} | " + " | ".join(cells)
+                   + f" | {best['beta']:g}: {best['gold']:.3f} ± {best['gold_se']:.3f}, {best['kl']:.2f} |")
     return "\n".join(out)
 
 
