@@ -8,13 +8,15 @@ is task.py):
      {prompt} or {messages}, SFT {prompt, response} or {messages}; an optional `policy` field.
      A malformed record raises `DataError("file:line: field 'x': ...")`, or is skipped and counted
      with skip_bad=True.
-     split_heldout / load_rows: a file's training and held-out rows (the same split in every script).
-  2. Tokenization with exact prompt/response boundaries. A response's end token: every training
-     response ends with `end_of_turn_id` (the chat template's end-of-turn token, e.g. <|im_end|>, else
-     EOS); sampling stops at any of `stop_token_ids` (that token, the tokenizer's EOS and the model's
-     generation_config.eos_token_id).
-  3. Collation: z = x ⊕ y right-padded for training (collate_right), prompts left-padded for
-     generation (collate_left), response masks, and the τ prefix (docs/algorithm.md §8).
+     split_heldout / load_rows: a file's training and held-out rows (the same split in every script);
+     load_pairs: the pairwise trainers' pairs (a file, or exactly the GVM's pairs and split).
+  2. Tokenization with exact prompt/response boundaries (encode_pairs for preference rows). A response's
+     end token: every training response ends with `end_of_turn_id` (the chat template's end-of-turn
+     token, e.g. <|im_end|>, else EOS); sampling stops at any of `stop_token_ids` (that token, the
+     tokenizer's EOS and the model's generation_config.eos_token_id).
+  3. Collation: z = x ⊕ y right-padded for training (collate_right; collate_pairs: chosen and rejected
+     as consecutive rows), prompts left-padded for generation (collate_left), response masks, and the τ
+     prefix (docs/algorithm.md §8).
 """
 from __future__ import annotations
 
