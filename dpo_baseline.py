@@ -106,8 +106,9 @@ def implicit_reward_accuracy(policy, ref, examples, pad_id, device, beta: float,
         logp = sequence_logprobs(model.response_logprobs(policy, batch, T)[0], mask)
         ref_logp = sequence_logprobs(model.frozen_logprobs(ref, batch, T, 1.0), mask)
         _, margin = dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], beta, 1)
+        margin = margin.tolist()  # CPU-GPU sync
         for j, i in enumerate(idx):  # (a dummy batch, idx == [], adds nothing)
-            per_example[i] = margin[j].item()
+            per_example[i] = margin[j]
     fu.reshard(policy)  # FSDP2 keeps the root gathered after forward: free it
     policy.train()
     margins = torch.tensor(evaluation.gather_by_index(per_example), dtype=torch.float64)

@@ -239,8 +239,9 @@ def evaluate(value_model, examples, kind, pools, cfg: Config, pad_id, device, R_
         u = value_model(batch["input_ids"], batch["attention_mask"])  # (B, L), fp32
         w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])
         G = td_lambda_targets(w, batch["R"], mask, cfg.gamma, cfg.lam)
-        last = model.last_index(mask)
-        pcts = [[torch.quantile(w[b, :last[b] + 1], q / 100).item() for q in PERCENTILES] for b in range(len(w))]
+        last = model.last_index(mask).tolist()  # CPU-GPU sync
+        q = torch.tensor([q / 100 for q in PERCENTILES], device=w.device)
+        pcts = torch.stack([torch.quantile(w[b, :last[b] + 1], q) for b in range(len(w))]).tolist()  # CPU-GPU sync
         rows = list(zip(model.terminal(w, mask).tolist(), ((w * mask).sum(1) / mask.sum(1)).tolist(), pcts,
                         (0.5 * mask * (w - G) ** 2).sum(1).tolist(), mask.sum(1).tolist()))  # CPU-GPU sync
         for j, i in enumerate(idx):  # (a dummy batch, idx == [], adds nothing)

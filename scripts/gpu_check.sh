@@ -52,7 +52,7 @@ pipeline() {
     && python reward_model.py --device $DEV --model $P/sft --data $P/gvm/pairs_train.jsonl \
         --eval_data $P/gvm/pairs_eval.jsonl --out_dir $P/rm $RM \
     && python dvpo.py --device $DEV --model $P/sft --gvm $P/gvm --out_dir $P/dvpo $RL \
-    && python ppo_baseline.py --device $DEV --model $P/sft --rm $P/rm --out_dir $P/ppo $RL
+    && python ppo_baseline.py --device $DEV --model $P/sft --reward rm:$P/rm --out_dir $P/ppo $RL
 }
 
 resume() {  # an uninterrupted 4-step run, and one killed after its step-2 checkpoint, then resumed

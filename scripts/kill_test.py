@@ -67,7 +67,7 @@ def script_args(script: str, setup: dict, out_dir: str, steps: int) -> list[str]
               "--max_new_tokens", "8", "--warmup_steps", "1", "--save_every", "1"]
     if script == "dvpo.py":
         return common + ["--gvm", setup["gvm"]]
-    return common + ["--rm", setup["rm"]]
+    return common + ["--reward", "rm:" + setup["rm"]]
 
 
 def disk_state(out_dir: str) -> str:

@@ -96,7 +96,7 @@ def runs(smol, tmp_path_factory):
     logs["dvpo"] = run(["dvpo.py", "--model", out["sft"], "--gvm", out["gvm"], "--prompts", prompts,
                         "--out_dir", out["dvpo"]] + PPO_STEPS)
     logs["rm"] = run(["reward_model.py", "--model", out["sft"], "--data", prefs, "--out_dir", out["rm"]] + gvm_args)
-    logs["ppo"] = run(["ppo_baseline.py", "--model", out["sft"], "--rm", out["rm"], "--prompts", prompts,
+    logs["ppo"] = run(["ppo_baseline.py", "--model", out["sft"], "--reward", "rm:" + out["rm"], "--prompts", prompts,
                        "--out_dir", out["ppo"]] + PPO_STEPS)
     logs["explain"] = run(["gvm.py", "--explain", "--gvm", out["gvm"], "--messages", json.dumps(chat(0)),
                            "--response", "3"])

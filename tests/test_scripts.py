@@ -204,7 +204,7 @@ PPO_ARGS = DVPO_ARGS
 
 
 def ppo_run(tiny_sft, tiny_rm, out, extra=(), nproc=1):
-    return run(["ppo_baseline.py", "--model", tiny_sft, "--rm", tiny_rm, "--out_dir", out] + PPO_ARGS + list(extra),
+    return run(["ppo_baseline.py", "--model", tiny_sft, "--reward", "rm:" + tiny_rm, "--out_dir", out] + PPO_ARGS + list(extra),
                nproc=nproc)
 
 
@@ -212,7 +212,7 @@ def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_rm, tmp_path):
     out = str(tmp_path / "ppo")
     ppo_run(tiny_sft, tiny_rm, out)
     s = json.load(open(os.path.join(out, "summary.json")))
-    for k in ("rm/pairwise_accuracy", "eval/reward_before", "eval/reward_after", "eval/reward_stderr",
+    for k in ("critic_init", "eval/reward_before", "eval/reward_after", "eval/reward_stderr",
               "eval/kl_to_ref", "train/steps", "train/seconds"):
         assert k in s
     assert s["train/steps"] == 2

@@ -116,13 +116,13 @@ def test_reward_model_and_ppo_baseline_small_files_train_or_say_why(tiny_sft, tm
                                  out_dir=str(tmp_path / "rm"), batch_size=4, epochs=1, device="cpu")
     result = outcome(reward_model, rm_cfg)
     if n == 1:
-        stopped(result, "reward_model.py:", "1 pair(s)", "needs at least 2", "--eval_data")
+        stopped(result, "reward_model.py:", "1 pair(s)", "at least 2 are needed", "--eval_data")
         return
     if n == 2:
         stopped(result, "reward_model.py:", "1 training pairs is fewer than one batch of 4", "--batch_size")
         return
     assert result[0] == "trained", result
-    cfg = ppo_baseline.Config(model=tiny_sft, rm=rm_cfg.out_dir, prompts=write(tmp_path / "q.jsonl", prompt_recs(n)),
+    cfg = ppo_baseline.Config(model=tiny_sft, reward="rm:" + rm_cfg.out_dir, prompts=write(tmp_path / "q.jsonl", prompt_recs(n)),
                               out_dir=str(tmp_path / "p"), steps=2, batch_size=4, minibatch_size=4,
                               micro_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_prompts=4, device="cpu")
     result = outcome(ppo_baseline, cfg)
@@ -141,7 +141,7 @@ def test_eval_prompts_0_skips_evaluation(tiny_sft, tiny_gvm, tmp_path, capsys):
     kind, _ = outcome(reward_model, reward_model.Config(model=tiny_sft, data=write(tmp_path / "p.jsonl", pair_recs(10)),
                                                         batch_size=4, epochs=1, out_dir=rm_dir, device="cpu"))
     assert kind == "trained"
-    kind, s = outcome(ppo_baseline, ppo_baseline.Config(rm=rm_dir, out_dir=str(tmp_path / "p"), **common))
+    kind, s = outcome(ppo_baseline, ppo_baseline.Config(reward="rm:" + rm_dir, out_dir=str(tmp_path / "p"), **common))
     assert kind == "trained" and not any(k.startswith("eval/") for k in s), s
 
 
