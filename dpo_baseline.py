@@ -91,6 +91,43 @@ def dpo_loss(logp_c: torch.Tensor, logp_r: torch.Tensor, ref_c: torch.Tensor, re
 
 
 # ----------------------------------------------------------------------------------------------
+# The step: one optimizer step of DPO on this rank's pairs of a global batch
+
+def train_step(policy, ref, opt, examples: list[dict], idx: list[int], cfg: Config, step: int, total: int,
+               pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step on pairs idx, this rank's pairs of the step's global batch: the learning rate,
+    the DPO loss in micro-batches (gradient accumulation), clipping, the optimizer step. Returns this
+    rank's summed loss shares, the gradient norm before clipping (0-d tensors: no host sync) and the
+    implicit reward margins of this rank's pairs."""
+    world = fu.world()
+    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
+
+    for g in opt.param_groups:
+        g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
+    opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+    margins = []
+    for mi in range(0, len(idx), micro):
+        fu.grad_sync(policy, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+        batch = data.collate_pairs(examples, idx[mi:mi + micro], pad_id)
+        batch = {key: v.to(device) for key, v in batch.items()}
+
+        # the policy's and the reference's sequence log-probs of chosen and rejected rows
+        T = max(len(examples[i][k]) for i in idx[mi:mi + micro] for k in ("chosen", "rejected"))
+        mask = data.response_mask(batch["response_len"], T)
+        logp = sequence_logprobs(model.response_logprobs(policy, batch, T)[0], mask)  # (2B,)
+        ref_logp = sequence_logprobs(model.frozen_logprobs(ref, batch, T, 1.0), mask)  # DPO only
+        loss, margin = dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], cfg.beta,
+                                cfg.batch_size)  # a mean over the pairs of the global batch
+        (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+        step_loss += loss.detach()
+        margins.append(margin)
+    gnorm = fu.grad_norm_clip(policy, cfg.grad_clip)  # all-reduce under FSDP2
+    opt.step()
+    return step_loss, gnorm, torch.cat(margins)
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.no_grad()
@@ -161,7 +198,6 @@ def main(cfg: Config):
     if total == 0:
         raise data.DataError(f"{len(train)} training pairs is fewer than one batch of {cfg.batch_size}; "
                              "lower --batch_size")
-    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
     before = evaluate()
     fu.print0("before: " + (" | ".join(f"{k} {v:.4f}" for k, v in before.items()) or "no held-out prompts"))
     t0 = time.time()
@@ -173,32 +209,12 @@ def main(cfg: Config):
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
 
-            for g in opt.param_groups:
-                g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
-            opt.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
-            margins = []
-            for mi in range(0, len(idx), micro):
-                fu.grad_sync(policy, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
-                batch = data.collate_pairs(train, idx[mi:mi + micro], tok.pad_token_id)
-                batch = {key: v.to(device) for key, v in batch.items()}
-
-                # 3. DPO: the policy's and the reference's sequence log-probs of chosen and rejected rows
-                T = max(len(train[i][k]) for i in idx[mi:mi + micro] for k in ("chosen", "rejected"))
-                mask = data.response_mask(batch["response_len"], T)
-                logp = sequence_logprobs(model.response_logprobs(policy, batch, T)[0], mask)  # (2B,)
-                ref_logp = sequence_logprobs(model.frozen_logprobs(ref, batch, T, 1.0), mask)  # DPO only
-                loss, margin = dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], cfg.beta,
-                                        cfg.batch_size)  # a mean over the pairs of the global batch
-                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
-                step_loss += loss.detach()
-                margins.append(margin)
-            gnorm = fu.grad_norm_clip(policy, cfg.grad_clip)  # all-reduce under FSDP2
-            opt.step()
+            # 3. DPO: chosen vs rejected, the policy's log-ratio to the reference (train_step)
+            step_loss, gnorm, margin = train_step(policy, ref, opt, train, idx, cfg, step, total, tok.pad_token_id,
+                                                  device)
 
             if step % cfg.log_every == 0 or step == total - 1:
                 # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
-                margin = torch.cat(margins)
                 m = fu.reduce_metrics({"train/dpo_loss": step_loss * world, "train/grad_norm": gnorm,
                                        "train/margin": margin.mean(), "train/accuracy": (margin > 0).float().mean()},
                                       device)

@@ -196,13 +196,14 @@ def gvm_values(gvm, batch: dict, tau: list[list[int]], pad_id: int, device, micr
 def draw_tau_from_pool(pool: list, prompt_ids: list[list[int]], n_tau: int, gcfg: dict,
                        rng: random.Random) -> list[list[int]]:
     """τ for each prompt: n_tau (prompt, response) pairs of the current policy from the previous step
-    (or this step at step 0, when the policy is still the SFT policy), with a different prompt."""
+    (or this step at step 0, when the policy is still the SFT policy), with a different prompt (drawn with
+    replacement when fewer than n_tau differ; the row's own prompt only when the pool holds no other)."""
     if n_tau == 0:
         return [[] for _ in prompt_ids]
     out = []
     for p in prompt_ids:
         cands = [c for c in pool if c[0] != p]
-        picks = rng.sample(cands, n_tau) if len(cands) >= n_tau else [rng.choice(pool) for _ in range(n_tau)]
+        picks = rng.sample(cands, n_tau) if len(cands) >= n_tau else [rng.choice(cands or pool) for _ in range(n_tau)]
         out.append(data.tau_prefix(picks, gcfg["tau_prompt_len"], gcfg["tau_response_len"]))
     return out
 
@@ -358,7 +359,8 @@ def main(cfg: Config):
              "response_len": batch["response_len"].float().mean(), "truncated": batch["truncated"].float().mean(),
              "tokens_per_s": mask.sum() * fu.world() / dt, **tu.mean_of(stats)}  # mean_of: CPU-GPU sync
         if reward_fn is not None:  # reporting only, never in a loss
-            r = evaluation.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
+            stops = data.stop_token_ids(tok, policy.generation_config)  # the rollout's stop tokens
+            r = evaluation.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok, stops)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen GVM still rank this policy's samples?
             corr = evaluation.rank_correlation(w_T, torch.tensor(r))
             m["gvm/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean

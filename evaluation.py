@@ -78,11 +78,13 @@ def load_reward_fn(spec: str, builtin: bool):
     return fn
 
 
-def rewards(reward_fn, prompts: list, response: torch.Tensor, tok) -> list[float]:
-    """reward_fn(prompt, decoded response) per row, checked to be a finite number."""
+def rewards(reward_fn, prompts: list, response: torch.Tensor, tok, stop_ids: list[int] | None = None) -> list[float]:
+    """reward_fn(prompt, decoded response) per row, checked to be a finite number. stop_ids: the stop tokens
+    the rollout used (data.stop_token_ids(tok, policy.generation_config)), so each text is cut where
+    sampling stopped; default: the tokenizer's own (EOS and end of turn)."""
     out = []
     for p, r in zip(prompts, response):
-        v = reward_fn(p, data.decode_response(tok, r.tolist()))
+        v = reward_fn(p, data.decode_response(tok, r.tolist(), stop_ids))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise data.DataError(f"the evaluation reward returned {v!r} (a finite number is required) for "
                                  f"prompt {p!r}")
@@ -106,6 +108,7 @@ def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_
         return {}
     mine = prompts[fu.rank()::fu.world()]
     gen = tu.torch_rng(seed, "eval", fu.rank(), device=device)
+    stops = data.stop_token_ids(tok, getattr(policy, "generation_config", None))  # where model.rollout stops
     sums = torch.zeros(7, dtype=torch.float64, device=device)  # on the device: NCCL reduces no CPU tensors
     n_batches = math.ceil(math.ceil(len(prompts) / fu.world()) / batch_size)  # the same on every rank
     for i in range(0, n_batches * batch_size, batch_size):
@@ -123,16 +126,16 @@ def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_
         r = rg = torch.zeros(len(texts), dtype=torch.float64)
         if reward_fn is not None:
             greedy = model.rollout(policy, ids, tok, max_new_tokens, 0.0, 1.0, gen, device)
-            r = torch.tensor(rewards(reward_fn, texts, b["response"], tok), dtype=torch.float64)
-            rg = torch.tensor(rewards(reward_fn, texts, greedy["response"], tok), dtype=torch.float64)
+            r = torch.tensor(rewards(reward_fn, texts, b["response"], tok, stops), dtype=torch.float64)
+            rg = torch.tensor(rewards(reward_fn, texts, greedy["response"], tok, stops), dtype=torch.float64)
         sums += weight * torch.stack([r.sum(), (r * r).sum(), rg.sum(), kl.sum(), (kl * kl).sum(),
                                       torch.tensor(float(len(texts)), dtype=torch.float64),
                                       b["response_len"].double().sum().cpu()]).to(device)
     fu.all_reduce_sum(sums)  # all-reduce: every rank
     s, s2, sg, skl, skl2, n, sl = sums.tolist()  # CPU-GPU sync
 
-    def stderr(m, m2):
-        return math.sqrt(max(m2 / n - m * m, 0) / max(n - 1, 1))
+    def stderr(m, m2):  # undefined (nan) for one prompt: a sample variance needs two
+        return math.sqrt(max(m2 / n - m * m, 0) / (n - 1)) if n > 1 else float("nan")
 
     out = {"response_len": sl / n}
     if ref is not None:
@@ -143,14 +146,15 @@ def evaluate_policy(policy, ref, tok, prompts: list, device, seed: int, max_new_
 
 
 def eval_summary(before: dict, after: dict) -> dict:
-    """summary.json's held-out evaluation entries, before and after training."""
+    """summary.json's held-out evaluation entries, before and after training. An undefined (nan) entry,
+    a standard error over one held-out prompt, is left out: JSON has no nan (as in reduce_metrics)."""
     out = {f"eval/{k}": v for k, v in after.items() if not k.startswith("reward")}
     if "reward" in after:
         out.update({"eval/reward_before": before["reward"], "eval/reward_after": after["reward"],
                     "eval/reward_stderr": after["reward_stderr"], "eval/reward_stderr_before": before["reward_stderr"],
                     "eval/reward_greedy_before": before["reward_greedy"],
                     "eval/reward_greedy_after": after["reward_greedy"]})
-    return out
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and math.isnan(v))}
 
 
 def shard_batches(n: int, batch_size: int) -> list[list[int]]:

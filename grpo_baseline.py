@@ -295,7 +295,8 @@ def main(cfg: Config):
              "tokens_per_s": mask.sum() * fu.world() / dt, **tu.mean_of(stats)}  # mean_of: CPU-GPU sync
         if reward_fn is not None:  # reporting only, never in a loss
             texts = [my_texts[i] for i in idx for _ in range(cfg.group_size)]
-            r = evaluation.rewards(reward_fn, texts, batch["response"], tok)
+            stops = data.stop_token_ids(tok, policy.generation_config)  # the rollout's stop tokens
+            r = evaluation.rewards(reward_fn, texts, batch["response"], tok, stops)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen scorer still rank this policy's samples?
             r = torch.tensor(r)
             m[f"{kind}/reward_corr"] = evaluation.rank_correlation(sc["score"], r)  # nan: left out of the mean

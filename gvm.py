@@ -220,6 +220,42 @@ def make_batch(examples: list[dict], idx: list[int], kind: str, pools: dict, cfg
 
 
 # ----------------------------------------------------------------------------------------------
+# The step: one optimizer step of TD(λ) on this rank's rows of a global batch
+
+def train_step(value_model, opt, examples: list[dict], idx: list[int], kind: str, pools: dict, cfg: Config, step: int,
+               total: int, pad_id: int, R_of, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on examples idx, this rank's rows of the step's global batch: the learning rate,
+    the TD(λ) loss in micro-batches (gradient accumulation), clipping, the optimizer step. Returns this
+    rank's summed loss shares and the gradient norm before clipping (0-d tensors: no host sync)."""
+    world = fu.world()
+    keys = ("chosen", "rejected") if kind == "preference" else ("response",)
+    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
+    n_local = torch.tensor(float(sum(len(examples[i][key]) + 1 for i in idx for key in keys)), device=device)
+    n_valid = fu.all_reduce_sum(n_local)  # all-reduce: the chain entries of the step's global batch
+
+    for g in opt.param_groups:
+        g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
+    opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+    for mi in range(0, len(idx), micro):
+        fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+        batch = make_batch(examples, idx[mi:mi + micro], kind, pools, cfg, ("gvm/tau", step), pad_id, R_of)
+        batch = {key: v.to(device) for key, v in batch.items()}
+
+        # TD(λ): one forward; the targets are its detached values (the "no-grad pass of the same
+        # network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
+        u = value_model(batch["input_ids"], batch["attention_mask"])  # (B, L), fp32
+        w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
+        G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
+        loss = gvm_loss(w, G, mask, n_valid)
+        (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+        step_loss += loss.detach()
+    gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
+    opt.step()
+    return step_loss, gnorm
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 PERCENTILES = (1, 5, 10, 90, 95, 99)  # per-token percentiles of the chain, scores of paper Table 4
@@ -334,8 +370,6 @@ def main(cfg: Config):
     total = steps_per_epoch * cfg.epochs
     if total == 0:
         raise data.DataError(f"{len(train)} training rows is fewer than one batch of {cfg.batch_size}")
-    keys = ("chosen", "rejected") if kind == "preference" else ("response",)
-    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
     t0 = time.time()
     step = 0
     bar = tqdm(total=total, desc="gvm", disable=fu.rank() != 0)
@@ -344,29 +378,10 @@ def main(cfg: Config):
         tu.python_rng(cfg.seed, "gvm/order", epoch).shuffle(order)  # the same order on every rank
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
-            n_local = torch.tensor(float(sum(len(train[i][key]) + 1 for i in idx for key in keys)), device=device)
-            n_valid = fu.all_reduce_sum(n_local)  # all-reduce: the chain entries of the step's global batch
 
-            for g in opt.param_groups:
-                g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
-            opt.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
-            for mi in range(0, len(idx), micro):
-                fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
-                batch = make_batch(train, idx[mi:mi + micro], kind, pools, cfg, ("gvm/tau", step), tok.pad_token_id,
-                                   R_of)
-                batch = {key: v.to(device) for key, v in batch.items()}
-
-                # 3. TD(λ): one forward; the targets are its detached values (the "no-grad pass of the
-                #    same network" of docs/algorithm.md §2: same weights, same batch, no dropout -> same numbers)
-                u = value_model(batch["input_ids"], batch["attention_mask"])  # (B, L), fp32
-                w, mask = model.value_chain(u, batch["prompt_len"], batch["response_len"])  # (B, T+1)
-                G = td_lambda_targets(w.detach(), batch["R"], mask, cfg.gamma, cfg.lam)  # Eq. (1), λ-return
-                loss = gvm_loss(w, G, mask, n_valid)
-                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
-                step_loss += loss.detach()
-            gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
-            opt.step()
+            # 3. TD(λ) on the chain, λ-return targets from the same forward without gradient (train_step)
+            step_loss, gnorm = train_step(value_model, opt, train, idx, kind, pools, cfg, step, total,
+                                          tok.pad_token_id, R_of, device)
 
             if step % cfg.log_every == 0 or step == total - 1:
                 # the global loss is the sum of the ranks' shares: the mean over ranks of share × world

@@ -316,7 +316,8 @@ def main(cfg: Config):
              "response_len": batch["response_len"].float().mean(), "truncated": batch["truncated"].float().mean(),
              "tokens_per_s": mask.sum() * fu.world() / dt, **tu.mean_of(stats)}  # mean_of: CPU-GPU sync
         if reward_fn is not None:  # reporting only, never in a loss
-            r = evaluation.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok)
+            stops = data.stop_token_ids(tok, policy.generation_config)  # the rollout's stop tokens
+            r = evaluation.rewards(reward_fn, [my_texts[i] for i in idx], batch["response"], tok, stops)
             m["reward"] = sum(r) / len(r)  # value drift: does the frozen RM still rank this policy's samples?
             corr = evaluation.rank_correlation(sc["score"], torch.tensor(r))
             m[f"{kind}/reward_corr"] = corr  # nan when every reward of the batch is equal: left out of the mean

@@ -92,6 +92,37 @@ def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, n_pairs) -> torch.
 
 
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# The step: one optimizer step of Bradley-Terry on this rank's pairs of a global batch
+
+def train_step(value_model, opt, examples: list[dict], idx: list[int], cfg: Config, step: int, total: int,
+               pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on pairs idx, this rank's pairs of the step's global batch: the learning rate,
+    the Bradley-Terry loss in micro-batches (gradient accumulation), clipping, the optimizer step. Returns
+    this rank's summed loss shares and the gradient norm before clipping (0-d tensors: no host sync)."""
+    world = fu.world()
+    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
+
+    for g in opt.param_groups:
+        g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
+    opt.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
+    for mi in range(0, len(idx), micro):
+        fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
+        batch = data.collate_pairs(examples, idx[mi:mi + micro], pad_id)
+        batch = {key: v.to(device) for key, v in batch.items()}
+
+        # Bradley-Terry at the last token: one forward over chosen and rejected rows
+        r = model.terminal_values(value_model, batch)  # (2B,) chosen and rejected alternating
+        loss = bt_loss(r[0::2], r[1::2], cfg.batch_size)  # a mean over the pairs of the global batch
+        (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
+        step_loss += loss.detach()
+    gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
+    opt.step()
+    return step_loss, gnorm
+
+
+# ----------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.no_grad()
@@ -170,7 +201,6 @@ def main(cfg: Config):
     if total == 0:
         raise data.DataError(f"{len(train)} training pairs is fewer than one batch of {cfg.batch_size}; "
                              "lower --batch_size")
-    micro = min(cfg.micro_batch_size, cfg.batch_size // world)
     t0 = time.time()
     step = 0
     bar = tqdm(total=total, desc="rm", disable=fu.rank() != 0)
@@ -180,22 +210,8 @@ def main(cfg: Config):
         for s in range(steps_per_epoch):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size][fu.rank()::world]  # this rank's rows
 
-            for g in opt.param_groups:
-                g["lr"] = tu.lr_at(step, total, cfg.warmup_steps, cfg.lr)
-            opt.zero_grad(set_to_none=True)
-            step_loss = torch.zeros((), device=device)  # Σ over micro-batches of this rank's loss shares
-            for mi in range(0, len(idx), micro):
-                fu.grad_sync(value_model, cfg.grad_sync == "every" or mi + micro >= len(idx))  # FSDP2 reduce-scatter
-                batch = data.collate_pairs(train, idx[mi:mi + micro], tok.pad_token_id)
-                batch = {key: v.to(device) for key, v in batch.items()}
-
-                # 3. Bradley-Terry at the last token: one forward over chosen and rejected rows
-                r = model.terminal_values(value_model, batch)  # (2B,) chosen and rejected alternating
-                loss = bt_loss(r[0::2], r[1::2], cfg.batch_size)  # a mean over the pairs of the global batch
-                (loss * world).backward()  # DDP/FSDP average gradients over ranks: undo it
-                step_loss += loss.detach()
-            gnorm = fu.grad_norm_clip(value_model, cfg.grad_clip)  # all-reduce under FSDP2
-            opt.step()
+            # 3. Bradley-Terry at the last token, chosen vs rejected (train_step)
+            step_loss, gnorm = train_step(value_model, opt, train, idx, cfg, step, total, tok.pad_token_id, device)
 
             if step % cfg.log_every == 0 or step == total - 1:
                 # the global loss is the sum of the ranks' shares: the mean over ranks of share × world
