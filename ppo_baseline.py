@@ -214,12 +214,11 @@ def main(cfg: Config):
     # models: the trained policy and critic (fp32 master weights) and the frozen ones in frozen_dtype, each rank
     # loading only its shards (FSDP2 under torchrun: fully_shard per block, then root)
     frozen_dtype = model.frozen_dtype(cfg.frozen_dtype, device)
-    policy, tok = model.load_policy(ckpt if resume else cfg.model, device)
+    policy, tok = model.load_policy(cfg.model, device)  # on resume, load_checkpoint overwrites its weights
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
     rm, _, rcfg = model.load_value_model(cfg.rm, RM_CONFIG, "train one with `python reward_model.py`", device,
                                          dtype=frozen_dtype, frozen=True)  # PPO only: the frozen reward model
-    critic_path, critic_config = (os.path.join(ckpt, "critic"), CRITIC_CONFIG) if resume else (cfg.rm, RM_CONFIG)
-    critic, _, _ = model.load_value_model(critic_path, critic_config, "a broken checkpoint", device)  # PPO only
+    critic, _, _ = model.load_value_model(cfg.rm, RM_CONFIG, "a broken reward model", device)  # PPO only
     scale = model.value_scale(rcfg, cfg.normalize_reward, cfg.rm)
     if not resume:
         init_critic(critic, scale)  # on the sharded critic: an elementwise op on this rank's shards
