@@ -5,8 +5,9 @@ needs to go on exactly where it stopped.
   1. Final outputs: save_hf (a policy) and save_value_model (backbone + value_head.safetensors + a JSON
      config: the GVM, the reward model, the critic) gather a full state dict on rank 0 (a collective)
      and write an HF folder through a temp folder whose files are then moved in (staged_dir).
-  2. Training checkpoints (save_checkpoint / load_checkpoint): the policy in HF format, other trained
-     models in subfolders, trainer_state.pt with `state` and every optimizer's full state. Written into
+  2. Training checkpoints (save_checkpoint / load_checkpoint), sharded with torch.distributed.checkpoint
+     (DCP): every rank writes its own shards of every trained model and its optimizer (no rank gathers
+     a full state dict), rank 0 writes trainer_state.pt with every rank's `state`. Written into
      checkpoint.tmp; a manifest written last (step, each file's size) marks it complete;
      recover_checkpoint promotes the newest complete one of checkpoint, checkpoint.old, checkpoint.tmp
      after a kill at any instant; resume_or_fresh implements --resume no|auto|yes and --overwrite.
@@ -20,11 +21,17 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import fsdp_utils as fu
+
+# one process (no process group) is an intended path of the same code, not a mistake DCP should warn about
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 # ----------------------------------------------------------------------------------------------
 # 1. Final outputs: HF-format folders
@@ -264,6 +271,9 @@ def resume_or_fresh(path: str, resume: str, overwrite: bool, script: str) -> boo
                 err = f"--resume yes: no checkpoint in {os.path.dirname(path) or '.'} ({names})"
             elif step is None:
                 fu.print0(f"--resume auto: no checkpoint in {os.path.dirname(path) or '.'}, starting fresh")
+            elif not os.path.exists(os.path.join(path, ".metadata")):  # no DCP index: written before issue 18
+                err = (f"{path} (step {step}) is an unsharded checkpoint (an HF folder) of an older version of this "
+                       "code; resume it with that version, or start over with --overwrite")
             elif source:
                 fu.print0(f"{path + source} (complete, step {step}) promoted to {path}")
     err, step = fu.broadcast_object((err, step))
@@ -275,34 +285,56 @@ def resume_or_fresh(path: str, resume: str, overwrite: bool, script: str) -> boo
     return step is not None
 
 
+def sharded_state(trained: dict) -> dict:
+    """{name: {"model": ..., "optim": ...}} for trained = {name: (model, optimizer)}: this rank's shards
+    (FSDP2: DTensors viewing the parameters and the optimizer state, no copy; one process: the plain
+    tensors). Keys are parameter names, the same for every process count. An optimizer that has not
+    stepped yet gets its state allocated here (a step at lr 0 on zero gradients; the weights do not move)."""
+    out = {}
+    for name, (m, o) in trained.items():
+        msd, osd = get_state_dict(m, o)  # sharded (full_state_dict=False): no gather
+        out[name] = {"model": msd, "optim": osd}
+    return out
+
+
 def save_checkpoint(path: str, tok, state: dict, trained: dict):
     """A resumable checkpoint: trained = {"policy": (model, optimizer), and e.g. "critic": (value model,
-    optimizer)}. The policy goes at the top level (HF format, loadable on its own), every other model in
-    a subfolder of its name (value model format); trainer_state.pt holds `state` (step, KL β, ...) and
-    every optimizer's full state. Every random draw is a function of the step, so this is all a resumed
-    run needs. Written into path.tmp, marked complete by its manifest, then swapped in by
-    recover_checkpoint (the previous one becomes path.old). A collective under FSDP."""
-    sds = {name: fu.full_state_dict(m) for name, (m, _) in trained.items()}
-    osds = {name: fu.full_optim_state_dict(m, o) for name, (m, o) in trained.items()}
-    # recovery first: afterwards path.tmp does not exist; skipped if `path` holds this step (a rerun's final save)
-    if fu.rank() == 0 and recover_checkpoint(path)[0] != state["step"]:
-        write_hf(trained["policy"][0], tok, path + ".tmp", sds["policy"])
-        fault_point("weights")
-        for name, (m, _) in trained.items():
-            if name != "policy":
-                write_value_model(m, tok, os.path.join(path + ".tmp", name), sds[name], f"{name}_config.json",
-                                  {"role": name})
-        torch.save({**state, "optimizers": osds}, os.path.join(path + ".tmp", "trainer_state.pt"))
+    optimizer)}. Every rank writes its own shards of every model and optimizer with torch.distributed.
+    checkpoint (__<rank>_0.distcp; rank 0 also writes DCP's .metadata, the index of every shard), and
+    rank 0 writes trainer_state.pt with every rank's `state` (step, KL β, ...; DVPO's τ pool is this
+    rank's batch, so it differs by rank). Every random draw is a function of the step, so this is all a
+    resumed run needs. Written into path.tmp, marked complete by its manifest, then swapped in by
+    recover_checkpoint (the previous one becomes path.old). `out_dir` must be one filesystem that every
+    rank sees (shared across nodes): rank 0 lists and checks every rank's files. `tok` is not saved (a
+    resumed run reads it from --model as a fresh one does). A collective: every rank calls it."""
+    # recovery first (rank 0): afterwards path.tmp does not exist; skipped if `path` holds this step (a rerun's
+    # final save)
+    done = fu.rank() == 0 and recover_checkpoint(path)[0] == state["step"]
+    if fu.broadcast_object(done):  # a collective: every rank calls it; no rank writes before recovery is over
+        return
+    states = fu.all_gather_object(state)  # a collective: every rank calls it (small: step, β, τ pool)
+    dcp.save(sharded_state(trained), checkpoint_id=path + ".tmp")  # a collective: every rank writes its shards
+    fault_point("weights")
+    if fu.rank() == 0:
+        torch.save({"world": fu.world(), "ranks": states}, os.path.join(path + ".tmp", "trainer_state.pt"))
+    fu.barrier()  # a collective: every rank's files are written before rank 0 lists them
+    if fu.rank() == 0:
         write_manifest(path + ".tmp", state["step"])
         recover_checkpoint(path)  # the swap: path -> path.old, path.tmp -> path, the older path.old deleted
-    fu.barrier()
+    fu.barrier()  # a collective: no rank goes on (and may save again) before the swap
 
 
 def load_checkpoint(path: str, state: dict, trained: dict):
-    """Inverse of save_checkpoint for the optimizers and `state` (the models were loaded from the
-    folder already). Rank 0 reads the file; optimizer state is sharded out from its full copy."""
-    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else {}
-    osds = st.pop("optimizers", {})  # stays on rank 0: sharded out tensor by tensor, not pickled to every rank
-    state.update(fu.broadcast_object(st))
+    """Inverse of save_checkpoint, into models and optimizers built (and sharded) as for a fresh run:
+    each rank reads the slices of the saved shards that overlap its own (DCP reshards, so the process
+    count may differ from the saving run's) straight into its parameters and optimizer state, and
+    `state` becomes this rank's saved state (rank r of a different process count: saved rank r mod N)."""
+    st = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False) if fu.rank() == 0 else None
+    st = fu.broadcast_object(st)  # a collective: every rank calls it
+    state.update(st["ranks"][fu.rank() % len(st["ranks"])])
+    if st["world"] != fu.world():
+        fu.print0(f"{path} was saved at world size {st['world']}, resumed at {fu.world()}: resharded")
+    sd = sharded_state(trained)
+    dcp.load(sd, checkpoint_id=path)  # a collective: every rank reads its shards, in place
     for name, (m, o) in trained.items():
-        fu.load_full_optim_state_dict(m, o, osds.get(name, {}))
+        set_state_dict(m, o, model_state_dict=sd[name]["model"], optim_state_dict=sd[name]["optim"])

@@ -291,7 +291,7 @@ def main(cfg: Config):
     # models: the trained policy (fp32 master weights) and the frozen ones in frozen_dtype, each rank
     # loading only its shards (FSDP2 under torchrun: fully_shard per block, then root)
     frozen_dtype = model.frozen_dtype(cfg.frozen_dtype, device)
-    policy, tok = model.load_policy(ckpt if resume else cfg.model, device)
+    policy, tok = model.load_policy(cfg.model, device)  # on resume, load_checkpoint overwrites its weights
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
     gvm, _, gcfg = model.load_value_model(cfg.gvm, GVM_CONFIG, "train a GVM with `python gvm.py`", device,
                                           dtype=frozen_dtype, frozen=True)  # DVPO only: the frozen GVM

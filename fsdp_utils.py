@@ -28,8 +28,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import transformers
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -262,13 +261,3 @@ def all_gather_object(obj) -> list:
     dist.all_gather_object(out, obj)
     return out
 
-
-def full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """Full optimizer state on rank 0 (a collective under FSDP), keyed by parameter names."""
-    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_optim_state_dict(model: torch.nn.Module, opt: torch.optim.Optimizer, state_dict: dict):
-    """Inverse of full_optim_state_dict: rank 0's full state is broadcast and sharded."""
-    set_optimizer_state_dict(model, opt, dict(state_dict),  # a copy, as in load_full_state_dict
-                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=is_dist()))

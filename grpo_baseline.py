@@ -228,7 +228,7 @@ def main(cfg: Config):
     # models: the trained policy (fp32 master weights) and the frozen ones in frozen_dtype, each rank
     # loading only its shards (FSDP2 under torchrun: fully_shard per block, then root)
     frozen_dtype = model.frozen_dtype(cfg.frozen_dtype, device)
-    policy, tok = model.load_policy(ckpt if resume else cfg.model, device)
+    policy, tok = model.load_policy(cfg.model, device)  # on resume, load_checkpoint overwrites its weights
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
     scorer, _, rcfg = model.load_reward(cfg.reward, device, dtype=frozen_dtype)  # GRPO only: the frozen scorer
     scale = model.value_scale(rcfg, cfg.normalize_reward, reward_path)

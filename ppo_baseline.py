@@ -127,13 +127,10 @@ def frozen_critic_values(critic, batch: dict, T: int, micro_batch_size: int) -> 
     return torch.cat(out)
 
 
-def load_critic(cfg: Config, resume_from: str, device):
-    """The trained critic (fp32), sharded under torchrun: resumed from a checkpoint folder, or started
-    from --critic_init: the scorer's own value model (reward; today's PPO: the critic starts as the RM),
+def load_critic(cfg: Config, device):
+    """The trained critic (fp32), sharded under torchrun, started from --critic_init: the scorer's own value model (reward; today's PPO: the critic starts as the RM),
     a GVM or RM folder (gvm:PATH, rm:PATH: value pretraining), each with its head on the unit scale of
     the returns (init_critic), or sft: --model's backbone with a zero head (V = 0 at the start)."""
-    if resume_from:
-        return model.load_value_model(resume_from, CRITIC_CONFIG, "a broken checkpoint", device)[0]
     if cfg.critic_init == "sft":
         return model.new_value_model(cfg.model, device)
     spec = cfg.reward if cfg.critic_init == "reward" else cfg.critic_init
@@ -250,11 +247,11 @@ def main(cfg: Config):
     # models: the trained policy and critic (fp32 master weights) and the frozen ones in frozen_dtype, each rank
     # loading only its shards (FSDP2 under torchrun: fully_shard per block, then root)
     frozen_dtype = model.frozen_dtype(cfg.frozen_dtype, device)
-    policy, tok = model.load_policy(ckpt if resume else cfg.model, device)
+    policy, tok = model.load_policy(cfg.model, device)  # on resume, load_checkpoint overwrites its weights
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
     scorer, _, rcfg = model.load_reward(cfg.reward, device, dtype=frozen_dtype)  # PPO only: the frozen scorer
     scale = model.value_scale(rcfg, cfg.normalize_reward, reward_path)
-    critic = load_critic(cfg, os.path.join(ckpt, "critic") if resume else "", device)  # PPO only
+    critic = load_critic(cfg, device)  # PPO only; on resume, load_checkpoint overwrites its weights
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(policy)
         model.enable_gradient_checkpointing(critic)

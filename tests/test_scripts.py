@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.distributed.checkpoint import FileSystemReader
 
 import gvm
 import model as mdl
@@ -225,7 +226,8 @@ def test_ppo_baseline_smoke_single_process(tiny_sft, tiny_rm, tmp_path):
     rm, _, _ = mdl.load_value_model(tiny_rm, "rm_config.json", "")
     assert ccfg["role"] == "critic"
     assert not torch.equal(critic.value_head.weight, rm.value_head.weight)  # the critic was trained from the RM
-    assert os.path.exists(os.path.join(out, "checkpoint", "critic", "value_head.safetensors"))
+    index = FileSystemReader(os.path.join(out, "checkpoint")).read_metadata().state_dict_metadata  # DCP's index
+    assert {"critic.model.value_head.weight", "critic.optim.state.value_head.weight.exp_avg"} <= set(index)
 
 
 def test_ppo_baseline_torchrun_two_processes(tiny_sft, tiny_rm, tmp_path):
