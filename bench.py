@@ -14,7 +14,9 @@ method goes first, medians reported):
 Analytic model printed beside it (N_π policy and reference parameters, N_v GVM / RM / critic):
   3. State per rank: trained T = 4 w + 4 grad + 8 AdamW = 16 B, frozen F = 4 (bf16: 2), both /world
      under FSDP2: DVPO = T·N_π + F·(N_π + N_v), PPO = T·(N_π + N_v) + F·(N_π + N_v); equal sizes:
-     (T + 2F)/(2T + 2F) = 0.60. Per phase, with activations: scripts/projection.py (per_rank_memory).
+     (T + 2F)/(2T + 2F) = 0.60. Per phase, beyond the state: the logits of one micro-batch (logits_bytes),
+     the KV cache of a generation batch (kv_cache_bytes); composed with activations, gathered parameters and
+     gradients into per-phase peaks by scripts/projection.py (per_rank_memory; `--bench bench.json`).
   4. FLOPs, D = B·(P + T) tokens: forward 2·N·D, forward+backward 6·N·D, generation 2·N_π·D.
      In forward units (equal sizes, E epochs): DVPO = 1 + 3 + 3E, PPO = 1 + 4 + 6E -> E = 4: 16/29.
 
@@ -106,6 +108,33 @@ def model_memory(method: str, n_policy: int, n_value: int, T: float, F: float) -
       ppo : T·N_π (policy) + T·N_v (critic) + F·N_π (reference) + F·N_v (reward model)"""
     trained = n_policy + (n_value if method == "ppo" else 0)
     return T * trained + F * (n_policy + n_value)
+
+
+def logits_bytes(micro: int, response_len: int, vocab: int, a: int, grad: bool) -> float:
+    """Peak bytes of model.response_logprobs' logits for one micro-batch of `micro` rows of T = response_len
+    tokens (the rollout layout: the LM head scores only the T+1 last positions), a = bytes of the model's
+    dtype (4 fp32, 2 bf16):
+      K = micro·(T+1)·V                       the LM head's output, a·K, kept for the backward
+      E = micro·c·V, c = min(T, max(1, LOGITS_CHUNK // (micro·V)))   one chunk, log-softmax in fp32
+      no grad (frozen forwards, evaluation):  a·K + (a + 8)·E     (the chunk gathered, x/temperature, log-softmax)
+      grad (the update, entropy logged):      max(a·K + (a + 12)·E,  (2 + [T > c])·a·K + 8·E)
+        forward: the chunk, log-softmax, its exp and their product (the entropy); backward: the logits, their
+        gradient and, with several chunks, each chunk's gather backward (a zeros tensor of the logits' shape
+        that is then added into the gradient), beside one chunk's fp32 gradients."""
+    K = micro * (response_len + 1) * vocab
+    c = min(response_len, max(1, model.LOGITS_CHUNK // (micro * vocab)))
+    E = micro * c * vocab
+    if not grad:
+        return a * K + (a + 8) * E
+    return max(a * K + (a + 12) * E, (2 + (response_len > c)) * a * K + 8 * E)
+
+
+def kv_cache_bytes(rows: int, seq_len: int, layers: int, kv: int, a: int) -> float:
+    """Bytes of the KV cache of `rows` sequences of seq_len tokens (prompt + generated): keys and values of
+    every layer, kv = num_key_value_heads · head_dim values each, a bytes: rows·seq_len·layers·2·kv·a.
+    model.generate holds it for the whole batch it samples: the rollout batch per rank, and in the held-out
+    evaluation --eval_batch_size prompts at a time."""
+    return rows * seq_len * layers * 2 * kv * a
 
 
 def step_flops(method: str, n_policy: int, n_value: int, tokens: int, ppo_epochs: int) -> dict:

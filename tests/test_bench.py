@@ -76,33 +76,56 @@ def test_llama_params_hand_values_and_hf_counts():
         assert sum(p.numel() for p in model.model.parameters()) + s["hidden"] + 1 == n_v, name
 
 
+def test_logits_and_kv_cache_bytes_hand_values(monkeypatch):
+    # micro 2, T 3, V 10, bf16: K = 2·4·10 = 80 logits kept; one chunk of E = 2·3·10 = 60 fp32 elements
+    assert bench.logits_bytes(2, 3, 10, 2, grad=False) == 2 * 80 + 10 * 60  # + chunk (2), x/temperature, log-softmax
+    assert bench.logits_bytes(2, 3, 10, 2, grad=True) == max(2 * 80 + 14 * 60, 4 * 80 + 8 * 60)  # forward: 1000
+    monkeypatch.setattr(bench.model, "LOGITS_CHUNK", 20)  # one position per chunk: E = 20, the backward's 3 copies
+    assert bench.logits_bytes(2, 3, 10, 2, grad=True) == max(2 * 80 + 14 * 20, 6 * 80 + 8 * 20) == 640
+    assert bench.logits_bytes(2, 3, 10, 4, grad=False) == 4 * 80 + 12 * 20
+    assert bench.kv_cache_bytes(3, 5, 2, 2, 2) == 3 * 5 * 2 * 2 * 2 * 2  # rows · tokens · layers · (k, v) · kv · a
+
+
 def test_activation_bytes_hand_values():
-    # per token and block 9·4 + 2·2 + 4·8 = 72 values; 2 blocks; logits per sequence 10·(3·(2 + 4) + 3·4·2)
-    assert projection.activation_bytes(TOY, 2, 3, 2, False, 2) == 2 * (3 * 144 * 2 + 10 * 42)
-    # with checkpointing: the blocks' inputs + 1 block
-    assert projection.activation_bytes(TOY, 2, 3, 2, True, 2) == 2 * (3 * (2 * 4 + 72) * 2 + 10 * 42)
-    assert projection.activation_bytes(TOY, 2, 3, 2, False, 4) == 2 * (3 * 144 * 4 + 10 * 36)  # fp32: no extra copy
+    assert projection.block_values(TOY, 5) == 11 * 4 + 4 * 8 + 5  # per token and block, with a (B, 1, L, L) mask
+    # 2 sequences of 3 tokens, T = 2, bf16: blocks 2·3·(2·79)·2 = 1896; logits K = 60, E = 40: 120 + 14·40 = 680
+    assert projection.activation_bytes(TOY, 2, 3, 2, False, 2) == 1896 + 680
+    assert projection.activation_bytes(TOY, 2, 3, 2, True, 2) == 2 * 3 * (2 * 4 + 79) * 2 + 680  # inputs + 1 block
+    assert projection.activation_bytes(TOY, 2, 3, 2, False, 2, lm_head=False) == 1896 + 2 * 3 * 4 * (2 + 4)
+    assert projection.activation_bytes(TOY, 2, 3, 2, False, 4) == 3792 + max(4 * 60 + 16 * 40, 8 * 60 + 8 * 40)
 
 
 def test_per_rank_memory_hand_values():
-    # world 2, CUDA (2-byte params, activations, frozen), micro 2 of 3 tokens, rollout 4, two micro-batches
-    d = projection.per_rank_memory("dvpo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2)
-    assert d["state"] == 8 * 388 + 1 * (388 + 353)  # 16/2 per trained, 2/2 per frozen parameter
-    assert d["rollout"] == 3845 - 4 * 388 / 2 + 2 * 388 + 4 * 3 * 2 * 2 * 2 * 2  # - grads + gathered policy + KV
-    # + gathered blocks and root, unsharded fp32 grads, activations in place of the policy's sharded grads
-    assert d["update"] == d["peak"] == 3845 + 2 * (2 * 152 + 84) + 4 * 388 + (2568 - 4 * 388 / 2)
+    # world 2, CUDA (2-byte params, activations, frozen), micro 2 of 3 tokens (prompt 1 + response 2), rollout 4
+    d = projection.per_rank_memory("dvpo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2, eval_batch=4)
+    assert d["state"] == 8 * 388 + 1 * (388 + 353) == 3845  # 16/2 per trained, 2/2 per frozen parameter
+    G, gathered = 4 * 388 / 2, 2 * (2 * 152 + 80 + 4)  # sharded gradients; 2 blocks + embeddings, LM head, norm
+    # generation: the gathered policy + the larger of prefill (KV of the prompt + 4·1·(2H + 3I)·2) and the
+    # full KV cache + a decode step's logits (4·10·(2 + 8))
+    generate = 2 * 388 + max(4 * 1 * 2 * 2 * 2 * 2 + 4 * 32 * 2, 4 * 3 * 2 * 2 * 2 * 2 + 4 * 10 * 10)
+    assert d["rollout"] == 3845 - G + generate
+    forward = gathered + 2 * 3 * 32 * 2 + (2 * 60 + 10 * 40)  # a frozen micro-batch: block transient + logits
+    assert d["score"] == 3845 - G + forward and d["eval"] == 3845 - G + max(generate, forward)
+    assert d["update"] == d["peak"] == 3845 + gathered + 2576  # 2 micro-batches: on top of the first's gradients
+    assert d["optimizer"] == 3845 + 4 * 388 / 2  # AdamW's foreach temporaries: one copy of the shards
+    last = projection.per_rank_memory("dvpo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2, grad_sync="last")
+    assert last["update"] == d["update"] + 4 * 388 - G and last["eval"] == 0  # unsharded fp32 gradients
     assert (d["load_rank0"], d["load_other"]) == ((4 * 388 + 2 * 741) / 2 + 4 * 388, 1517 + 40 * 4)
-    p = projection.per_rank_memory("ppo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=2)
-    assert (p["state"], p["rollout"]) == (6669, 6669 - 4 * 741 / 2 + 968)
-    assert p["update"] == 6669 + 776 + 4 * 741 + (2568 - 4 * 353 / 2)  # the critic is trained last
-    assert p["load_rank0"] == (4 * 741 + 2 * 741) / 2 + 4 * 388
-    one = projection.per_rank_memory("dvpo", TOY, 1, 2, 4, 3, 2, cuda=False, micro_steps=2)  # CPU, no sharding
-    assert one["state"] == 16 * 388 + 4 * 741 and one["rollout"] == 9172 - 4 * 388 + 4 * 3 * 2 * 2 * 2 * 4
-    assert one["update"] == one["peak"] == 9172 + 4176 - 4 * 388  # nothing gathered, no unsharded gradients
+    p = projection.per_rank_memory("ppo", TOY, 2, 2, 4, 3, 2, cuda=True, micro_steps=1)
+    assert p["state"] == 6669 and p["rollout"] == 6669 - 4 * 741 / 2 + generate
+    # one micro-batch: the critic's backward (2040 of activations) runs while the policy's gradients exist
+    assert p["update"] == 6669 + gathered + max(2576 - 4 * 741 / 2, 2040 - 4 * 353 / 2)
+    one = projection.per_rank_memory("dvpo", TOY, 1, 2, 4, 3, 2, cuda=False)  # CPU, one process: no FSDP2
+    assert one["state"] == 16 * 388 + 4 * 741 == 9172
+    assert one["rollout"] == 9172 - 4 * 388 + max(4 * 2 * 2 * 2 * 4 + 4 * 32 * 4, 4 * 3 * 2 * 2 * 2 * 4 + 4 * 10 * 12)
+    assert one["score"] == 9172 - 4 * 388 + 2 * 3 * 32 * 4 + (4 * 60 + 12 * 40)
+    assert one["update"] == one["peak"] == 9172 + 4672 - 4 * 388  # no gradient exists before the backward
+    assert one["optimizer"] == 9172 + 2 * 4 * 40  # the per-tensor loop: two temporaries of the LM head's size
     assert one["load_rank0"] == one["load_other"] == 4 * 388 + 4 * 741
     small = projection.per_rank_memory("dvpo", TOY, 1, 1, 1, 1, 1, cuda=False)  # activations below the gradients
-    assert small["update"] == small["peak"] == small["state"]
+    assert small["update"] == small["state"] and small["peak"] == small["optimizer"]
     assert "| 8B (8.03B) | DVPO |" in projection.projection_table() and "60.49 GB" in projection.projection_table()
+    assert "README example: Qwen2.5-0.5B, 1 GPU | DVPO |" in projection.scenario_table()
 
 
 @pytest.mark.parametrize("E, with_gen, without_gen", [(4, 16 / 29, 15 / 28), (1, 7 / 11, 6 / 10), (2, 10 / 17, 9 / 16)])
