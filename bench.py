@@ -1,13 +1,15 @@
-"""bench.py — peak memory and step time of one DVPO step vs one PPO step at equal work: a much shorter
-version of dvpo.py / ppo_baseline.py. The same loaders and the same three calls as their training
-loops (train_utils.rollout -> score -> update), no data, no evaluation, no saving.
+"""bench.py — peak memory and step time of one DVPO step vs one PPO step vs one GRPO step at equal work
+(equal samples per step): a much shorter version of dvpo.py / ppo_baseline.py / grpo_baseline.py. The same
+loaders and the same three calls as their training loops (model.rollout -> score -> update), no data, no
+evaluation, no saving.
 
 What is measured (each method in fresh processes, so peaks never mix; --repeats R alternating which
 method goes first, medians reported):
   1. Step = rollout (fixed length: EOS masked until response_len) -> score (frozen forwards; DVPO:
-     old + ref + GVM, PPO: old + ref + RM + critic) -> update (E epochs × minibatches of policy
-     fwd/bwd + AdamW; PPO: + critic fwd/bwd + AdamW). Random prompts; a random-init preset written to
-     disk once, or --model; GVM / RM / critic are its backbone + a value head, loaded as the scripts do.
+     old + ref + GVM, PPO: old + ref + RM + critic, GRPO: old + ref + RM) -> update (E epochs ×
+     minibatches of policy fwd/bwd + AdamW; PPO: + critic fwd/bwd + AdamW). Random prompts (GRPO:
+     batch_size / group_size prompts, each group_size times); a random-init preset written to disk once, or
+     --model; GVM / RM / critic are its backbone + a value head, loaded as the scripts do.
   2. Memory per rank, loading and steps apart. CPU: peak RSS (VmHWM) minus the RSS after imports, process
      group and tokenizer ("net"), of one extra run per method with MALLOC_MMAP_THRESHOLD_=65536 (freed tensors
      leave the RSS). CUDA: max_memory_allocated. Every rank also reports its shard bytes and largest tensor.
@@ -19,9 +21,12 @@ Analytic model printed beside it (N_π policy and reference parameters, N_v GVM 
      gradients into per-phase peaks by scripts/projection.py (per_rank_memory; `--bench bench.json`).
   4. FLOPs, D = B·(P + T) tokens: forward 2·N·D, forward+backward 6·N·D, generation 2·N_π·D.
      In forward units (equal sizes, E epochs): DVPO = 1 + 3 + 3E, PPO = 1 + 4 + 6E -> E = 4: 16/29.
+     GRPO at equal samples per step is DVPO's count and state (a frozen RM instead of a frozen GVM; the paper's
+     Table 6: "n× generation" is per prompt, not per sample); ReMax adds one greedy response per prompt.
 
 Launch (docs/performance.md has the measured tables):
-  python bench.py --preset 50m                          # CPU: ~50M-parameter Llama shapes, 4 models
+  python bench.py --preset 50m                          # CPU: ~50M-parameter Llama shapes, every method
+  python bench.py --preset 50m --methods dvpo,ppo       # two of them
   python bench.py --preset 50m --processes 2            # FSDP2 under torchrun: per-rank figures
   torchrun --nproc_per_node 8 bench.py --preset 1b      # CUDA: rank 0 relaunches torchrun per measurement
 """
@@ -42,6 +47,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import dvpo
 import fsdp_utils as fu
+import grpo_baseline
 import model
 import ppo_baseline
 import task
@@ -50,10 +56,12 @@ import train_utils as tu
 
 @dataclass
 class Config:
-    method: str = "both"  # both: each method in fresh processes, compared; dvpo | ppo: one measurement here
+    method: str = "all"  # all: each of --methods in fresh processes, compared; dvpo | ppo | grpo: one measurement
+    methods: str = "dvpo,ppo,grpo"  # the methods compared (dvpo and ppo always: the ratios are DVPO/PPO)
+    group_size: int = 4  # GRPO: responses per prompt (batch_size / group_size prompts per rollout)
     preset: str = "50m"  # model shape (PRESETS; char vocab of 100, random init); ignored with --model
     model: str = ""  # a real checkpoint instead of a preset: ref, GVM, RM and critic are built from it
-    batch_size: int = 8  # prompts per rollout, global
+    batch_size: int = 8  # responses per rollout, global
     minibatch_size: int = 8  # sequences per optimizer step, global
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     prompt_len: int = 32  # tokens per prompt (random tokens, all the same length)
@@ -67,7 +75,7 @@ class Config:
     gradient_checkpointing: bool = False  # on the policy and the critic
     frozen_dtype: str = "auto"  # reference, GVM, RM: auto = bfloat16 on CUDA, float32 on CPU (as the scripts)
     out_dir: str = "out/bench"  # bench.json, and one JSON per measurement process
-    result: str = ""  # --method dvpo|ppo: where to write this measurement's JSON (set by the parent)
+    result: str = ""  # --method dvpo|ppo|grpo: where to write this measurement's JSON (set by the parent)
     seed: int = 0
     device: str = "auto"
 
@@ -82,6 +90,7 @@ PRESETS = {
     "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24),  # 3.17B
 }
 PHASES = ("generation", "score", "update")
+METHODS = ("dvpo", "ppo", "grpo")
 PAPER = {"3B": {"ppo": (41.43, 23), "dvpo": (27.50, 13)}, "8B": {"ppo": (78.96, 70), "dvpo": (60.49, 48)}}  # (GB, s)
 
 
@@ -152,8 +161,8 @@ def step_flops(method: str, n_policy: int, n_value: int, tokens: int, ppo_epochs
 def analytic(n_policy: int, n_value: int, tokens: int, ppo_epochs: int, world: int, frozen_bytes: float = 4) -> dict:
     """The analytic DVPO/PPO ratios: memory from model_memory, time floors from step_flops."""
     T, F = bytes_per_param(world, frozen_bytes)
-    mem = {m: model_memory(m, n_policy, n_value, T, F) for m in ("dvpo", "ppo")}
-    fl = {m: step_flops(m, n_policy, n_value, tokens, ppo_epochs) for m in ("dvpo", "ppo")}
+    mem = {m: model_memory(m, n_policy, n_value, T, F) for m in METHODS}  # grpo: dvpo's (a frozen RM for the GVM)
+    fl = {m: step_flops(m, n_policy, n_value, tokens, ppo_epochs) for m in METHODS}
     no_gen = {m: fl[m]["score"] + fl[m]["update"] for m in fl}
     return {"bytes_per_param": {"trained": T, "frozen": F}, "memory_bytes": mem, "flops": fl,
             "memory_ratio": mem["dvpo"] / mem["ppo"],
@@ -177,10 +186,10 @@ def write_preset(cfg: Config) -> str:
 
 
 def load_models(path: str, method: str, gradient_checkpointing: bool, device, frozen_dtype: torch.dtype) -> dict:
-    """policy (trained), ref (frozen) and, per method, gvm (frozen) or rm (frozen) + critic (trained)."""
+    """policy (trained), ref (frozen) and, per method, gvm (frozen), rm (frozen) + critic (trained), or rm."""
     models = {"policy": model.load_policy(path, device)[0],
               "ref": model.load_policy(path, device, dtype=frozen_dtype, frozen=True)[0]}
-    for name in (("gvm",) if method == "dvpo" else ("rm", "critic")):
+    for name in {"dvpo": ("gvm",), "ppo": ("rm", "critic"), "grpo": ("rm",)}[method]:
         models[name] = (model.new_value_model(path, device) if name == "critic" else
                         model.new_value_model(path, device, dtype=frozen_dtype, frozen=True))
     for name, m in models.items():  # the trained ones in train mode, as the scripts set them (HF checkpoints only then)
@@ -197,7 +206,7 @@ def clock(device) -> float:
 
 
 def rl_step(method: str, models: dict, opts: dict, prompts: list, tok, acfg, device, step: int, opt_step: int):
-    """One step of dvpo.main / ppo_baseline.main, timed by phase: rollout -> score -> update.
+    """One step of dvpo.main / ppo_baseline.main / grpo_baseline.main, timed by phase: rollout -> score -> update.
     Returns ({phase: seconds, total, cpu_total}, new optimizer-step count)."""
     t0, cpu0 = clock(device), time.process_time()  # CPU seconds: less sensitive to other tenants
     gen = tu.torch_rng(acfg.seed, "rollout", step, fu.rank(), device=device)
@@ -209,12 +218,17 @@ def rl_step(method: str, models: dict, opts: dict, prompts: list, tok, acfg, dev
                         1.0, acfg, tok.pad_token_id, device)
         t2 = clock(device)
         _, opt_step = dvpo.update(models["policy"], opts["policy"], batch, sc, acfg, step, opt_step)
-    else:
+    elif method == "ppo":
         sc = ppo_baseline.score(models["policy"], models["ref"], models["rm"], models["critic"], batch,
                                 acfg.kl_beta, 1.0, acfg, device)
         t2 = clock(device)
         _, opt_step = ppo_baseline.update(models["policy"], models["critic"], opts["policy"], opts["critic"], batch,
                                           sc, acfg, step, opt_step)
+    else:  # grpo: the prompts arrive as groups of group_size consecutive copies
+        sc = grpo_baseline.score(models["policy"], models["ref"], models["rm"], batch, None, acfg.kl_beta, 1.0, acfg,
+                                 device)
+        t2 = clock(device)
+        _, opt_step = grpo_baseline.update(models["policy"], opts["policy"], batch, sc, acfg, step, opt_step)
     t3 = clock(device)
     return {"generation": t1 - t0, "score": t2 - t1, "update": t3 - t2, "total": t3 - t0,
             "cpu_total": time.process_time() - cpu0}, opt_step
@@ -230,12 +244,14 @@ def measure(cfg: Config) -> dict:
     if not cfg.model and fu.rank() == 0:
         write_preset(cfg)  # normally done by the parent already
     fu.barrier()
-    if cfg.method not in ("dvpo", "ppo"):
-        sys.exit(f"bench.py: --method must be both, dvpo or ppo, got {cfg.method!r}")
-    algo = (dvpo if cfg.method == "dvpo" else ppo_baseline).Config(
+    if cfg.method not in METHODS:
+        sys.exit(f"bench.py: --method must be all, {', '.join(METHODS)}, got {cfg.method!r}")
+    script = {"dvpo": dvpo, "ppo": ppo_baseline, "grpo": grpo_baseline}[cfg.method]
+    extra = {"group_size": cfg.group_size} if cfg.method == "grpo" else {}
+    algo = script.Config(
         model=path, steps=cfg.warmup + cfg.steps, batch_size=cfg.batch_size, minibatch_size=cfg.minibatch_size,
         micro_batch_size=cfg.micro_batch_size, ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.response_len,
-        lr=1e-6, seed=cfg.seed)  # the scripts' own hyperparameters otherwise (clip ε, β, γ, λ, ...)
+        lr=1e-6, seed=cfg.seed, **extra)  # the scripts' own hyperparameters otherwise (clip ε, β, γ, λ, ...)
     tu.check_batch_sizes(algo.batch_size, algo.minibatch_size, algo.micro_batch_size, world)
     tok = model.load_tokenizer(path)
     with torch.device("meta"):  # import the model's Python code now (~120 MB for Llama): that is not model memory
@@ -248,7 +264,9 @@ def measure(cfg: Config) -> dict:
             for n in ("policy", "critic") if n in models}
     loaded, load_peak = tu.current_memory(device), tu.peak_memory(device)
     tu.reset_peak_memory(device)  # from here on: the steps' peak
-    prompts = tok_prompts(tok, cfg.batch_size // world, cfg.prompt_len, cfg.seed + 1 + fu.rank())
+    n = cfg.group_size if cfg.method == "grpo" else 1  # GRPO: B / n prompts, each sampled n times
+    prompts = [p for p in tok_prompts(tok, cfg.batch_size // world // n, cfg.prompt_len, cfg.seed + 1 + fu.rank())
+               for _ in range(n)]
     steps, opt_step = [], 0
     for step in range(cfg.warmup + cfg.steps):
         ph, opt_step = rl_step(cfg.method, models, opts, prompts, tok, algo, device, step, opt_step)
@@ -333,22 +351,27 @@ def summarize(runs: list[dict], mem: list[dict]) -> dict:
 
 
 def table(res: dict) -> str:
-    """Markdown table: DVPO, PPO, measured DVPO/PPO, analytic DVPO/PPO."""
-    d, p, a, GB = res["dvpo"], res["ppo"], res["analytic"], 2**30
-    rows = [("step peak memory per rank, net (GiB)", d["peak_memory_bytes"] / GB, p["peak_memory_bytes"] / GB,
+    """Markdown table: each method, measured DVPO/PPO (and GRPO/PPO), analytic DVPO/PPO (GRPO's is the same)."""
+    a, GB = res["analytic"], 2**30
+    methods = [m for m in METHODS if m in res]
+    rows = [("step peak memory per rank, net (GiB)", {m: res[m]["peak_memory_bytes"] / GB for m in methods},
              a["memory_ratio"]),
-            ("loading peak per rank, net (GiB)", d["load_peak_bytes"] / GB, p["load_peak_bytes"] / GB, None),
-            ("models loaded per rank, net (GiB)", d["models_bytes"] / GB, p["models_bytes"] / GB, None),
-            ("analytic model state per rank (GiB)", a["memory_bytes"]["dvpo"] / GB, a["memory_bytes"]["ppo"] / GB,
+            ("loading peak per rank, net (GiB)", {m: res[m]["load_peak_bytes"] / GB for m in methods}, None),
+            ("models loaded per rank, net (GiB)", {m: res[m]["models_bytes"] / GB for m in methods}, None),
+            ("analytic model state per rank (GiB)", {m: a["memory_bytes"][m] / GB for m in methods},
              a["memory_ratio"]),
-            ("step time, median (s)", d["step_time_s"], p["step_time_s"], a["time_ratio"]),
-            ("step CPU time, median (s)", d["step_cpu_s"], p["step_cpu_s"], a["time_ratio"])]
-    rows += [(f"· {k} (s)", d["phases"][k], p["phases"][k], a["phase_ratio"][k]) for k in PHASES]
-    rows.append(("step time − generation (s)", d["step_time_s"] - d["phases"]["generation"],
-                 p["step_time_s"] - p["phases"]["generation"], a["time_ratio_excl_generation"]))
-    out = ["| | DVPO | PPO | DVPO/PPO | analytic |", "|---|---|---|---|---|"]
-    for name, dv, pp, an in rows:
-        out.append(f"| {name} | {dv:.2f} | {pp:.2f} | {dv / pp:.3f} | {'' if an is None else f'{an:.3f}'} |")
+            ("step time, median (s)", {m: res[m]["step_time_s"] for m in methods}, a["time_ratio"]),
+            ("step CPU time, median (s)", {m: res[m]["step_cpu_s"] for m in methods}, a["time_ratio"])]
+    rows += [(f"· {k} (s)", {m: res[m]["phases"][k] for m in methods}, a["phase_ratio"][k]) for k in PHASES]
+    rows.append(("step time − generation (s)",
+                 {m: res[m]["step_time_s"] - res[m]["phases"]["generation"] for m in methods},
+                 a["time_ratio_excl_generation"]))
+    ratios = [m for m in methods if m != "ppo"]
+    out = ["| | " + " | ".join(m.upper() for m in methods) + " | " + " | ".join(f"{m.upper()}/PPO" for m in ratios)
+           + " | analytic DVPO/PPO |", "|---" * (len(methods) + len(ratios) + 2) + "|"]
+    for name, v, an in rows:
+        out.append(f"| {name} | " + " | ".join(f"{v[m]:.2f}" for m in methods) + " | "
+                   + " | ".join(f"{v[m] / v['ppo']:.3f}" for m in ratios) + f" | {'' if an is None else f'{an:.3f}'} |")
     return "\n".join(out)
 
 
@@ -363,9 +386,16 @@ def main(cfg: Config) -> dict:
     os.makedirs(cfg.out_dir, exist_ok=True)
     if not cfg.model:
         write_preset(cfg)
-    runs = {"dvpo": [], "ppo": []}
+    asked = cfg.methods.split(",")
+    if set(asked) - set(METHODS) or not {"dvpo", "ppo"} <= set(asked):
+        sys.exit(f"bench.py: --methods must name dvpo, ppo and optionally grpo, got {cfg.methods!r}")
+    if "grpo" in asked and cfg.batch_size % (cfg.group_size * nproc):
+        sys.exit(f"bench.py: --batch_size {cfg.batch_size} must be a multiple of --group_size {cfg.group_size} × "
+                 f"{nproc} processes")
+    methods = [m for m in METHODS if m in asked]
+    runs = {m: [] for m in methods}
     for r in range(cfg.repeats):
-        for method in (("dvpo", "ppo") if r % 2 == 0 else ("ppo", "dvpo")):  # alternate who goes first
+        for method in (methods if r % 2 == 0 else methods[::-1]):  # alternate who goes first
             res = launch(cfg, method, nproc, os.path.join(cfg.out_dir, f"r{r}_{method}.json"))
             runs[method].append(res)
             print(f"repeat {r + 1}/{cfg.repeats} {method}: step peak {res['peak_memory_bytes'] / 2**30:.3f} GiB | "
@@ -373,11 +403,11 @@ def main(cfg: Config) -> dict:
     mem = runs  # CUDA: max_memory_allocated counts live tensors already
     if runs["dvpo"][0]["device"] == "cpu":  # one more short run per method whose RSS follows the live tensors
         mem = {m: [launch(replace(cfg, steps=1), m, nproc, os.path.join(cfg.out_dir, f"memory_{m}.json"), True)]
-               for m in ("dvpo", "ppo")}
+               for m in methods}
 
     first = runs["dvpo"][0]
     n_pi, n_v = first["params"]["policy"], first["params"]["value"]
-    res = {m: summarize(runs[m], mem[m]) for m in ("dvpo", "ppo")}
+    res = {m: summarize(runs[m], mem[m]) for m in methods}
     res["analytic"] = analytic(n_pi, n_v, cfg.batch_size * (cfg.prompt_len + cfg.response_len), cfg.ppo_epochs, nproc,
                                model.frozen_dtype(cfg.frozen_dtype, torch.device(first["device"])).itemsize)
     d, p = res["dvpo"], res["ppo"]
@@ -389,6 +419,9 @@ def main(cfg: Config) -> dict:
                 "ratio/step_time_per_repeat": [statistics.median(a["step_times_s"]) /
                                                statistics.median(b["step_times_s"])
                                                for a, b in zip(runs["dvpo"], runs["ppo"])],
+                **({"ratio/grpo_memory": res["grpo"]["peak_memory_bytes"] / p["peak_memory_bytes"],
+                    "ratio/grpo_step_time": res["grpo"]["step_time_s"] / p["step_time_s"],
+                    "ratio/grpo_dvpo_step_time": res["grpo"]["step_time_s"] / d["step_time_s"]} if "grpo" in res else {}),
                 "analytic/memory_ratio": res["analytic"]["memory_ratio"],
                 "analytic/time_ratio": res["analytic"]["time_ratio"],
                 "preset": "" if cfg.model else cfg.preset, "model": cfg.model, "params": {"policy": n_pi, "value": n_v},
@@ -407,4 +440,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     cfg = tu.parse_config(Config)
-    main(cfg) if cfg.method == "both" else measure(cfg)
+    main(cfg) if cfg.method == "all" else measure(cfg)

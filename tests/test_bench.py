@@ -158,7 +158,7 @@ def run_bench(tmp_path, extra=(), launcher=()):
 
 
 def check_result(res, stdout):
-    for m in ("dvpo", "ppo"):
+    for m in bench.METHODS:  # GRPO measured beside DVPO and PPO by default
         r = res[m]
         for k in ("peak_memory_bytes", "load_peak_bytes", "models_bytes", "peak_memory_default_malloc_bytes",
                   "step_time_s", "step_cpu_s"):
@@ -167,8 +167,12 @@ def check_result(res, stdout):
             assert r["phases"][k] > 0, (m, k)
         assert len(r["repeats"]) == 1 and len(r["memory_runs"]) == 1
     # the PPO step does more in every phase but generation: RM + critic forwards, critic update
-    for k in ("ratio/memory", "ratio/step_time", "ratio/cpu_time", "analytic/memory_ratio", "analytic/time_ratio"):
+    for k in ("ratio/memory", "ratio/step_time", "ratio/cpu_time", "analytic/memory_ratio", "analytic/time_ratio",
+              "ratio/grpo_memory", "ratio/grpo_step_time", "ratio/grpo_dvpo_step_time"):
         assert res[k] > 0, k
+    assert res["analytic"]["memory_bytes"]["grpo"] == res["analytic"]["memory_bytes"]["dvpo"]
+    assert res["analytic"]["flops"]["grpo"] == res["analytic"]["flops"]["dvpo"]  # equal samples per step
+    assert "| | DVPO | PPO | GRPO | DVPO/PPO | GRPO/PPO | analytic DVPO/PPO |" in stdout
     # E = 2: (1 + 3 + 6) / (1 + 4 + 12); the tiny policy's LM head makes N_π a little larger than N_v
     assert res["analytic/time_ratio"] == pytest.approx(10 / 17, rel=0.02)
     assert res["params"]["policy"] > 0 and res["params"]["value"] > 0
