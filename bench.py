@@ -421,7 +421,8 @@ def main(cfg: Config) -> dict:
                                                for a, b in zip(runs["dvpo"], runs["ppo"])],
                 **({"ratio/grpo_memory": res["grpo"]["peak_memory_bytes"] / p["peak_memory_bytes"],
                     "ratio/grpo_step_time": res["grpo"]["step_time_s"] / p["step_time_s"],
-                    "ratio/grpo_dvpo_step_time": res["grpo"]["step_time_s"] / d["step_time_s"]} if "grpo" in res else {}),
+                    "ratio/grpo_dvpo_step_time": res["grpo"]["step_time_s"] / d["step_time_s"]}
+                   if "grpo" in res else {}),
                 "analytic/memory_ratio": res["analytic"]["memory_ratio"],
                 "analytic/time_ratio": res["analytic"]["time_ratio"],
                 "preset": "" if cfg.model else cfg.preset, "model": cfg.model, "params": {"policy": n_pi, "value": n_v},

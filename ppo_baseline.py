@@ -128,9 +128,10 @@ def frozen_critic_values(critic, batch: dict, T: int, micro_batch_size: int) -> 
 
 
 def load_critic(cfg: Config, device):
-    """The trained critic (fp32), sharded under torchrun, started from --critic_init: the scorer's own value model (reward; today's PPO: the critic starts as the RM),
-    a GVM or RM folder (gvm:PATH, rm:PATH: value pretraining), each with its head on the unit scale of
-    the returns (init_critic), or sft: --model's backbone with a zero head (V = 0 at the start)."""
+    """The trained critic (fp32), sharded under torchrun, started from --critic_init: the scorer's own value
+    model (reward; today's PPO: the critic starts as the RM), a GVM or RM folder (gvm:PATH, rm:PATH: value
+    pretraining), each with its head on the unit scale of the returns (init_critic), or sft: --model's
+    backbone with a zero head (V = 0 at the start). On resume, load_checkpoint then overwrites its weights."""
     if cfg.critic_init == "sft":
         return model.new_value_model(cfg.model, device)
     spec = cfg.reward if cfg.critic_init == "reward" else cfg.critic_init

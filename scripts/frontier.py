@@ -156,7 +156,7 @@ def interpolate(points: list, kl: float) -> tuple[float, float] | None:
     return None
 
 
-def matched_kl(res: dict, steps: int, kls=(0.5, 1, 2, 4)) -> str:
+def matched_kl(res: dict, steps: int, kls=(1, 1.5, 2, 3)) -> str:
     """Markdown: every method's gold at common KLs (interpolated on its own curve of `steps` steps; DPO's
     points for every length), best point, and the difference to DVPO in units of the larger stderr."""
     curves = {}

@@ -9,7 +9,7 @@
 #                  the final weights (0 = bit-identical)
 #   3. sdpa        left-padded SDPA forward/backward: non-finite gradients with cuDNN SDPA forced on and
 #                  with this repo's setting, and a policy backward on a left-padded batch (scripts/gpu_probes.py)
-#   4. bench       bench.py --preset 1b: DVPO vs PPO peak memory and step time
+#   4. bench       bench.py --preset 1b: DVPO, PPO and GRPO peak memory and step time (dry run: DVPO, PPO)
 #   5. generation  decoding tokens/s of the 1b preset: as dvpo.py runs it, without the per-token host sync,
 #                  and without FSDP2's hooks (scripts/gpu_probes.py)
 #
@@ -26,7 +26,8 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # toy sizes on the CPU: the script's log
     PAIRS="$PAIRS --rtg_prompts 4 --rtg_completions 2 --epochs 1"; RM="--epochs 1 --rtg_prompts 4 --rtg_completions 2"
     RL="--steps 2 --batch_size 8 --minibatch_size 4 --micro_batch_size 2 --eval_prompts 8"
     BENCH="--preset tiny --repeats 1 --warmup 1 --steps 1 --batch_size 4 --minibatch_size 2 --micro_batch_size 1"
-    BENCH="$BENCH --prompt_len 6 --response_len 5 --ppo_epochs 1 --threads 1"; GEN="--preset tiny --batch 4 --new_tokens 8"
+    BENCH="$BENCH --prompt_len 6 --response_len 5 --ppo_epochs 1 --threads 1 --methods dvpo,ppo"
+    GEN="--preset tiny --batch 4 --new_tokens 8"
 else
     DEV=cuda; SFT="--steps 300 --n_train 8000 --eval_prompts 256"; PAIRS="--builtin_prompts 2000 --builtin_eval_prompts 200"
     PAIRS="$PAIRS --rtg_prompts 64 --epochs 1"; RM="--epochs 1 --rtg_prompts 64"
@@ -115,6 +116,9 @@ for line in open(f"{out}/steps.txt"):
             res = (f"peak GiB DVPO {r['dvpo']['peak_memory_bytes'] / 2**30:.2f} / PPO {r['ppo']['peak_memory_bytes'] / 2**30:.2f} "
                    f"(ratio {r['ratio/memory']:.3f}); step s DVPO {r['dvpo']['step_time_s']:.2f} / PPO "
                    f"{r['ppo']['step_time_s']:.2f} (ratio {r['ratio/step_time']:.3f})")
+            if "grpo" in r:
+                res += (f"; GRPO {r['grpo']['peak_memory_bytes'] / 2**30:.2f} GiB, {r['grpo']['step_time_s']:.2f} s "
+                        f"(GRPO/PPO {r['ratio/grpo_memory']:.3f}, {r['ratio/grpo_step_time']:.3f})")
     elif name == "generation":
         r = load(f"{out}/generation.json")
         if r:

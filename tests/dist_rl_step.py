@@ -104,8 +104,9 @@ def main(out: str):
     grads, result = {}, {"world": fu.world()}
     ref, frozen_gvm, rm = lm(1, device, frozen=True), value_model(2, device, frozen=True), value_model(3, device,
                                                                                                     frozen=True)
+    # clipping off (grad_clip 1e9): a clipped gradient would hide a wrong scale, e.g. a missing `* world`
     kw = dict(batch_size=8, minibatch_size=8, micro_batch_size=2, ppo_epochs=2, lr=1.0, warmup_steps=1,
-              gamma=0.9, lam=0.8, temperature=0.7)
+              gamma=0.9, lam=0.8, temperature=0.7, grad_clip=1e9)
 
     # DVPO: one rollout batch, 2 epochs of one minibatch (the global batch) in micro-batches of 2 rows
     policy = lm(0, device)
@@ -152,12 +153,12 @@ def main(out: str):
         vm = value_model(5, device)
         vm.train()
         if name == "gvm":
-            cfg = gvm.Config(batch_size=8, micro_batch_size=2, lr=0.0, gamma=0.9, lam=0.8)
+            cfg = gvm.Config(batch_size=8, micro_batch_size=2, lr=0.0, gamma=0.9, lam=0.8, grad_clip=1e9)
             loss, _ = gvm.train_step(vm, recording_sgd(vm, name, grads, 0.0), examples, rows, "preference",
                                      gvm.tau_pools(examples, "preference"), cfg, 0, 1, PAD,
                                      lambda e, k: 1.0 if k == "chosen" else -1.0, device)
         else:
-            cfg = reward_model.Config(batch_size=8, micro_batch_size=2, lr=0.0)
+            cfg = reward_model.Config(batch_size=8, micro_batch_size=2, lr=0.0, grad_clip=1e9)
             loss, _ = reward_model.train_step(vm, recording_sgd(vm, name, grads, 0.0), examples, rows, cfg, 0, 1, PAD,
                                               device)
         result[f"{name}_loss"] = fu.reduce_metrics({"l": loss * fu.world()}, device)["l"]  # the sum of the shares
@@ -165,7 +166,7 @@ def main(out: str):
     # DPO: one optimizer step on the same 8 pairs, the policy against the reference
     policy = lm(0, device)
     policy.train()
-    cfg = dpo_baseline.Config(batch_size=8, micro_batch_size=2, lr=0.0, beta=0.5)
+    cfg = dpo_baseline.Config(batch_size=8, micro_batch_size=2, lr=0.0, beta=0.5, grad_clip=1e9)
     loss, _, margin = dpo_baseline.train_step(policy, ref, recording_sgd(policy, "dpo", grads, 0.0), examples, rows,
                                               cfg, 0, 1, PAD, device)
     result["dpo_loss"] = fu.reduce_metrics({"l": loss * fu.world()}, device)["l"]

@@ -205,7 +205,8 @@ PPO_ARGS = DVPO_ARGS
 
 
 def ppo_run(tiny_sft, tiny_rm, out, extra=(), nproc=1):
-    return run(["ppo_baseline.py", "--model", tiny_sft, "--reward", "rm:" + tiny_rm, "--out_dir", out] + PPO_ARGS + list(extra),
+    return run(["ppo_baseline.py", "--model", tiny_sft, "--reward", "rm:" + tiny_rm, "--out_dir", out] + PPO_ARGS
+               + list(extra),
                nproc=nproc)
 
 

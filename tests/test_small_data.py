@@ -122,7 +122,8 @@ def test_reward_model_and_ppo_baseline_small_files_train_or_say_why(tiny_sft, tm
         stopped(result, "reward_model.py:", "1 training pairs is fewer than one batch of 4", "--batch_size")
         return
     assert result[0] == "trained", result
-    cfg = ppo_baseline.Config(model=tiny_sft, reward="rm:" + rm_cfg.out_dir, prompts=write(tmp_path / "q.jsonl", prompt_recs(n)),
+    cfg = ppo_baseline.Config(model=tiny_sft, reward="rm:" + rm_cfg.out_dir,
+                              prompts=write(tmp_path / "q.jsonl", prompt_recs(n)),
                               out_dir=str(tmp_path / "p"), steps=2, batch_size=4, minibatch_size=4,
                               micro_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_prompts=4, device="cpu")
     result = outcome(ppo_baseline, cfg)

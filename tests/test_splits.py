@@ -52,7 +52,7 @@ def examples_two_policies() -> list[dict]:
     """12 encoded pairs, policies A and B; examples 0 and 1 share a prompt (so do 6 and 7)."""
     out = []
     for i in range(12):
-        prompt = ids(f"{i // 2 if i in (0, 1, 6, 7) else i}{i % 3}:")
+        prompt = ids(f"{20 + i // 2 if i in (0, 1, 6, 7) else i}:")  # "20:" twice, "23:" twice, else unique
         out.append({"prompt": prompt, "chosen": ids(f"c{i}") + [1], "rejected": ids(f"r{i}") + [1],
                     "policy": "A" if i < 6 else "B"})
     return out
@@ -73,6 +73,7 @@ def test_gvm_tau_other_prompt_same_policy_label_blind():
     """draw_tau (K = 1): a response of the same policy to another example with another prompt; over many
     draws, chosen and rejected responses alike (label-blind: the share of chosen ones is 1/2)."""
     ex = examples_two_policies()
+    assert ex[0]["prompt"] == ex[1]["prompt"] and ex[6]["prompt"] == ex[7]["prompt"]  # the rule has work to do
     pools = gvm.tau_pools(ex, "preference")
     cfg = gvm.Config(tau_k=1, tau_prompt_len=64, tau_response_len=64)
     chosen, n = 0, 0
