@@ -163,7 +163,7 @@ def matched_kl(res: dict, steps: int, kls=(1, 1.5, 2, 3)) -> str:
     for p in res["points"]:
         if p["steps"] in (steps, 0) and p["kl"] > 0:
             curves.setdefault(p["method"], []).append(p)
-    out = [f"{steps} steps | " + " | ".join(f"gold at KL {k:g}" for k in kls) + " | best point (β: gold, KL) |",
+    out = [f"| {steps} steps | " + " | ".join(f"gold at KL {k:g}" for k in kls) + " | best point (β: gold, KL) |",
            "|---" * (len(kls) + 2) + "|"]
     ref = {k: interpolate(sorted(curves.get("dvpo", []), key=lambda p: p["kl"]), k) for k in kls}
     for m, ps in curves.items():
