@@ -6,7 +6,6 @@ all-reduced change the 2-process numbers, and fail here."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
@@ -15,16 +14,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
+from bench import free_port
 from tests import dist_rl_step
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs gloo")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_rl_step.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(out, nproc: int, timeout: int = 300):
