@@ -20,6 +20,7 @@ import data
 import model as mdl
 from examples.sentiment import compare, make_data
 from examples.sentiment.reward import valence, vader
+from tests.test_real_model import numbers  # every number in a JSON-like value
 from examples.sentiment.token_credit import reply_tokens, token_valence, token_words, word_spans
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,18 +52,6 @@ def made(smol, tmp_path_factory):
          str(d / "gold_pairs.jsonl"), "--out", str(d / "token_credit.json"), "--figure", str(d / "credit.png"),
          "--scatter", ""])
     return d
-
-
-def numbers(x) -> list:
-    if isinstance(x, bool):
-        return []
-    if isinstance(x, (int, float)):
-        return [x]
-    if isinstance(x, dict):
-        return [v for val in x.values() for v in numbers(val)]
-    if isinstance(x, list):
-        return [v for val in x for v in numbers(val)]
-    return []
 
 
 def test_vader_and_valence():
