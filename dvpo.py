@@ -297,6 +297,8 @@ def main(cfg: Config):
                                           dtype=frozen_dtype, frozen=True)  # DVPO only: the frozen GVM
     tau_k = gcfg.get("tau_k", 0) if cfg.tau_k < 0 else cfg.tau_k
     scale = model.value_scale(gcfg, cfg.normalize_reward, cfg.gvm)  # in `paper` mode BN(w / s) = BN(w): no change
+    if warning := model.chance_warning(gcfg, cfg.gvm):  # a value model at chance: say so before RL
+        fu.print0(warning)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(policy)
     policy.train()

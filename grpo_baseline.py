@@ -232,6 +232,8 @@ def main(cfg: Config):
     ref, _ = model.load_policy(cfg.model, device, dtype=frozen_dtype, frozen=True)
     scorer, _, rcfg = model.load_reward(cfg.reward, device, dtype=frozen_dtype)  # GRPO only: the frozen scorer
     scale = model.value_scale(rcfg, cfg.normalize_reward, reward_path)
+    if warning := model.chance_warning(rcfg, reward_path):  # a value model at chance: say so before RL
+        fu.print0(warning)
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing(policy)
     policy.train()

@@ -414,6 +414,8 @@ def main(cfg: Config):
         summary.update(evaluation.gold_accuracy(eval_rows))
     # the scale, fixed at training time so that the RL reward is stationary: dvpo.py divides the chain by value_std
     gcfg.update({"value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]})
+    if kind == "preference":  # dvpo.py warns when this is within two standard errors of chance
+        gcfg.update({"eval/pairwise_accuracy": ev["eval/pairwise_accuracy"], "eval/pairs": len(held)})
     tu.write_json(os.path.join(cfg.out_dir, GVM_CONFIG), gcfg)  # rank 0
     tu.finish(cfg.out_dir, summary)
     if "eval/pairwise_accuracy_table" in summary:

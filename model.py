@@ -17,7 +17,8 @@ Every function here returns response-aligned tensors — (B, T) per token, (B, T
 gathered per row from its own offset, so left and right padding give the same numbers.
 
   1. Loading: load_policy (a hub id or a local path), ValueModel = causal-LM backbone + nn.Linear(H, 1),
-     new_value_model / load_value_model (checkpoint.save_value_model writes one), value_scale (§7).
+     new_value_model / load_value_model (checkpoint.save_value_model writes one), value_scale (§7),
+     chance_warning (is its held-out accuracy above chance?).
      Every loader returns the model on its device, sharded under torchrun (fsdp_utils.on_device:
      rank 0 reads, the others receive only their shards), with dropout off (disable_dropout) and
      buffers (rotary inv_freq) in the dtype the model built them in; a value head is always fp32.
@@ -198,6 +199,22 @@ def value_scale(config: dict, normalize: bool, path: str) -> float:
                              "held-out response, so it ranks nothing; train it longer, or pass "
                              "--normalize_reward false")
     return float(config["value_std"])
+
+
+def chance_warning(config: dict, path: str) -> str:
+    """A warning, or "" if none: the value model's held-out pairwise accuracy, recorded when it was trained
+    (gvm.py, reward_model.py on preference pairs), is within two standard errors of chance (0.5 ± 2·0.5/√n
+    over n pairs). RL then follows noise, at unit size after the scale rule (§7): examples/arithmetic's DVPO
+    went from 0.51 to 0.11 on a GVM at 0.50. Older models and score-trained ones record no accuracy: ""."""
+    acc, n = config.get("eval/pairwise_accuracy"), config.get("eval/pairs")
+    if acc is None or not n:
+        return ""
+    two_se = 2 * 0.5 / math.sqrt(n)
+    if acc - 0.5 >= two_se:
+        return ""
+    return (f"warning: {path} ranked its {n} held-out pairs with accuracy {acc:.3f}, within two standard errors "
+            f"of chance (0.5 + {two_se:.3f}); RL on it may follow noise: more pairs or steps first "
+            "(docs/algorithm.md §7)")
 
 
 # ----------------------------------------------------------------------------------------------

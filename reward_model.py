@@ -241,8 +241,8 @@ def main(cfg: Config):
     if "gold_chosen" in eval_rows[0]:  # built-in task: the ceiling, the gold reward's own accuracy
         summary.update(evaluation.gold_accuracy(eval_rows))
     # the scale, fixed at training time so that the RL reward is stationary: the baselines divide the score by it
-    rcfg.update({"eval/pairwise_accuracy": ev["eval/pairwise_accuracy"], "value_mean": ev["eval/value_mean"],
-                 "value_std": ev["eval/value_std"]})
+    rcfg.update({"eval/pairwise_accuracy": ev["eval/pairwise_accuracy"], "eval/pairs": len(held),  # a warning if
+                 "value_mean": ev["eval/value_mean"], "value_std": ev["eval/value_std"]})  # at chance (baselines)
     tu.write_json(os.path.join(cfg.out_dir, RM_CONFIG), rcfg)  # rank 0
     tu.finish(cfg.out_dir, summary)
     if "eval/rtg_corr" in summary:

@@ -132,3 +132,15 @@ def test_nan_guard_stops_with_one_line(setup, tmp_path):
     assert "dvpo.py: step 1: non-finite advantage" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert not os.path.exists(os.path.join(out, "checkpoint")) and not os.path.exists(os.path.join(out, "summary.json"))
     assert json.load(open(os.path.join(out, "train_config.json")))["steps"] == 2
+
+
+def test_chance_warning_is_two_standard_errors_of_chance():
+    """The warning the RL scripts print before training (docs/algorithm.md §7): accuracy within 2·0.5/√n of 0.5."""
+    warn = mdl.chance_warning
+    assert warn({"eval/pairwise_accuracy": 0.5, "eval/pairs": 12}, "g").startswith("warning: g ranked its 12")
+    assert warn({"eval/pairwise_accuracy": 0.570, "eval/pairs": 128}, "r")  # 0.070 < 2 · 0.044 (the sentiment RM)
+    assert warn({"eval/pairwise_accuracy": 0.609, "eval/pairs": 128}, "g") == ""  # 0.109 > 0.088 (its GVM)
+    assert warn({"eval/pairwise_accuracy": 0.59, "eval/pairs": 100}, "g")  # 0.09 < 0.1: just inside
+    assert warn({"eval/pairwise_accuracy": 0.61, "eval/pairs": 100}, "g") == ""
+    assert warn({"eval/pairwise_accuracy": 0.30, "eval/pairs": 100}, "g")  # worse than chance warns too
+    assert warn({"value_std": 1.0}, "old") == ""  # trained before the statistic, or on scores: nothing to say

@@ -6,6 +6,8 @@
     digits must read 0); DVPO's τ are the previous step's rollouts (this step's at step 0) on other prompts.
   - gvm.py with τ: training batches hold training rows only and draw τ from them, evaluation batches hold
     held-out rows only and draw τ from them; labels +1 / -1; the reward model reads the same split.
+  - the value model's held-out accuracy travels from gvm.py's summary into its config, and an RL script
+    run on a value model at chance says so (the GVM here), on one above chance does not (the RM).
 """
 import inspect
 import json
@@ -50,8 +52,10 @@ def setup(tmp_path_factory):
     policy.save_pretrained(d / "policy")
     TOK.save_pretrained(d / "policy")
     checkpoint.save_value_model(value_model(2), TOK, str(d / "gvm"), dvpo.GVM_CONFIG,
-                                {"tau_k": 1, "tau_prompt_len": 64, "tau_response_len": 64, "value_std": 1.0})
-    checkpoint.save_value_model(value_model(3), TOK, str(d / "rm"), reward_model.RM_CONFIG, {"value_std": 1.0})
+                                {"tau_k": 1, "tau_prompt_len": 64, "tau_response_len": 64, "value_std": 1.0,
+                                 "eval/pairwise_accuracy": 0.5, "eval/pairs": 16})  # at chance: a warning
+    checkpoint.save_value_model(value_model(3), TOK, str(d / "rm"), reward_model.RM_CONFIG,
+                                {"value_std": 1.0, "eval/pairwise_accuracy": 0.9, "eval/pairs": 100})  # none
     (d / "wiring_reward.py").write_text(REWARD)
     return d
 
@@ -94,13 +98,14 @@ def check_rl_run(out: str, summary: dict, rollouts: list, logps: list):
     assert summary["eval/reward_before"] == summary["eval/reward_after"] == 0.0
 
 
-def test_dvpo_main_temperature_stop_tokens_and_tau(setup, monkeypatch, tmp_path):
+def test_dvpo_main_temperature_stop_tokens_and_tau(setup, monkeypatch, tmp_path, capsys):
     rollouts, logps = spy(monkeypatch, mdl, "rollout"), spy(monkeypatch, mdl, "response_logprobs")
     chains = spy(monkeypatch, dvpo, "gvm_values")
     monkeypatch.chdir(setup)  # --eval_reward imports its module from the working directory
     out = str(tmp_path / "dvpo")
     summary = dvpo.main(dvpo.Config(model=str(setup / "policy"), gvm=str(setup / "gvm"), out_dir=out, **RL_ARGS))
     check_rl_run(out, summary, rollouts, logps)
+    assert f"warning: {setup / 'gvm'} ranked its 16 held-out pairs with accuracy 0.500" in capsys.readouterr().out
     assert summary["tau_k"] == 1 and len(chains) == RL_ARGS["steps"]
     pairs = [list(zip(a["batch"]["prompt_ids"], mdl.responses(a["batch"]))) for a, _ in chains]
     assert {tuple(p) for p, _ in pairs[0]} != {tuple(p) for p, _ in pairs[1]}  # the steps' prompts differ
@@ -110,24 +115,27 @@ def test_dvpo_main_temperature_stop_tokens_and_tau(setup, monkeypatch, tmp_path)
             assert tau in [q + r for q, r in source if q != p], (step, p, tau)
 
 
-def test_ppo_main_temperature_and_stop_tokens(setup, monkeypatch, tmp_path):
+def test_ppo_main_temperature_and_stop_tokens(setup, monkeypatch, tmp_path, capsys):
     rollouts, logps = spy(monkeypatch, mdl, "rollout"), spy(monkeypatch, mdl, "response_logprobs")
     monkeypatch.chdir(setup)
     out = str(tmp_path / "ppo")
     summary = ppo_baseline.main(ppo_baseline.Config(model=str(setup / "policy"), reward="rm:" + str(setup / "rm"),
                                                     out_dir=out, critic_lr=0.0, **RL_ARGS))
     check_rl_run(out, summary, rollouts, logps)
+    assert "chance" not in capsys.readouterr().out  # the RM is above chance
 
 
-def test_grpo_main_groups_temperature_and_stop_tokens(setup, monkeypatch, tmp_path):
+def test_grpo_main_groups_temperature_and_stop_tokens(setup, monkeypatch, tmp_path, capsys):
     """grpo_baseline.py: the same checks, and every training rollout holds batch_size / n prompts, each
-    repeated in n consecutive rows (the group that group_advantages reads), a different prompt per group."""
+    repeated in n consecutive rows (the group that group_advantages reads), a different prompt per group.
+    Scored by the GVM's w_T (at chance: a warning)."""
     rollouts, logps = spy(monkeypatch, mdl, "rollout"), spy(monkeypatch, mdl, "response_logprobs")
     monkeypatch.chdir(setup)
     out, n = str(tmp_path / "grpo"), 4
-    summary = grpo_baseline.main(grpo_baseline.Config(model=str(setup / "policy"), reward="rm:" + str(setup / "rm"),
+    summary = grpo_baseline.main(grpo_baseline.Config(model=str(setup / "policy"), reward="gvm:" + str(setup / "gvm"),
                                                       out_dir=out, group_size=n, estimator="grpo", **RL_ARGS))
     check_rl_run(out, summary, rollouts, logps)
+    assert f"warning: {setup / 'gvm'} ranked its 16 held-out pairs" in capsys.readouterr().out
     for a, _ in rollouts:
         p = a["prompt_ids"]
         if len(p) == RL_ARGS["batch_size"]:
@@ -178,6 +186,8 @@ def test_gvm_main_tau_and_labels_stay_within_their_split(setup, monkeypatch, tmp
                 assert tau in [list(p) + list(r) for p, r in allowed if list(p) != ex[i]["prompt"] and
                                any(e["prompt"] == list(p) and e["policy"] == ex[i]["policy"] for e in ex)], (kind, i)
     assert seen == {"gvm/tau", "gvm/eval_tau"}
+    gcfg, summary = (json.load(open(f"out/gvm/{f}")) for f in (dvpo.GVM_CONFIG, "summary.json"))
+    assert (gcfg["eval/pairwise_accuracy"], gcfg["eval/pairs"]) == (summary["eval/pairwise_accuracy"], 8)
     for cfg in (reward_model.Config(), reward_model.Config(data=path, eval_frac=0.2)):
         train, held = data.load_pairs(cfg.data, cfg.eval_data, cfg.skip_bad, cfg.eval_frac, cfg.seed)
         assert (train, held) == (rows["train"], rows["eval"])
