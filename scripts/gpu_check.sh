@@ -22,18 +22,19 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then  # toy sizes on the CPU: the script's logic, not the GPU's numbers
     export OMP_NUM_THREADS=1
-    DEV=cpu; SFT="--steps 20 --n_train 400 --eval_prompts 16"; PAIRS="--builtin_prompts 64 --builtin_eval_prompts 16"
+    DEV=cpu; SFT="--steps 4 --n_train 64 --eval_prompts 8"; PAIRS="--builtin_prompts 32 --builtin_eval_prompts 8"
     PAIRS="$PAIRS --rtg_prompts 4 --rtg_completions 2 --epochs 1"; RM="--epochs 1 --rtg_prompts 4 --rtg_completions 2"
     RL="--steps 2 --batch_size 8 --minibatch_size 4 --micro_batch_size 2 --eval_prompts 8"
     BENCH="--preset tiny --repeats 1 --warmup 1 --steps 1 --batch_size 4 --minibatch_size 2 --micro_batch_size 1"
     BENCH="$BENCH --prompt_len 6 --response_len 5 --ppo_epochs 1 --threads 1 --methods dvpo,ppo"
-    GEN="--preset tiny --batch 4 --new_tokens 8"
+    GEN="--preset tiny --batch 4 --new_tokens 8"; SDPA="--lengths 128,256"
 else
     DEV=cuda; SFT="--steps 300 --n_train 8000 --eval_prompts 256"; PAIRS="--builtin_prompts 2000 --builtin_eval_prompts 200"
     PAIRS="$PAIRS --rtg_prompts 64 --epochs 1"; RM="--epochs 1 --rtg_prompts 64"
     RL="--steps 6 --batch_size 64 --minibatch_size 32 --micro_batch_size 16 --eval_prompts 256"
     BENCH="--preset 1b --repeats 1 --warmup 1 --steps 2 --batch_size 8 --minibatch_size 8 --micro_batch_size 4"
     BENCH="$BENCH --prompt_len 128 --response_len 256"; GEN="--preset 1b --batch 32 --prompt_len 64 --new_tokens 256"
+    SDPA=""  # every length of scripts/gpu_probes.py
 fi
 P="$OUT/p"  # the pipeline's folders
 declare -A STATUS SECONDS_OF
@@ -75,7 +76,7 @@ EOF
 
 step pipeline pipeline
 step resume resume
-step sdpa sh -c "python scripts/gpu_probes.py sdpa --device $DEV > $OUT/sdpa.json"
+step sdpa sh -c "python scripts/gpu_probes.py sdpa --device $DEV $SDPA > $OUT/sdpa.json"
 step bench python bench.py $BENCH --out_dir $OUT/bench
 step generation sh -c "python scripts/gpu_probes.py generation --device $DEV $GEN > $OUT/generation.json"
 

@@ -50,10 +50,10 @@ def sdpa_case(L: int, backend, device) -> int:
     return int(sum((~torch.isfinite(t.grad)).sum() for t in (q, k, v)))
 
 
-def probe_sdpa(device) -> dict:
+def probe_sdpa(device, lengths=(128, 256, 512, 1000, 1024, 2048)) -> dict:
     from torch.nn.attention import SDPBackend  # optional: the probe only
     res = {"device": str(device), "cases": []}
-    for L in (128, 256, 512, 1000, 1024, 2048):
+    for L in lengths:
         row = {"L": L, "repo_setting_nonfinite": sdpa_case(L, None, device)}
         if device.type == "cuda":
             try:
@@ -127,11 +127,14 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=256)
+    ap.add_argument("--lengths", default="128,256,512,1000,1024,2048", help="sdpa: sequence lengths")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     device = fu.setup(a.device)
-    res = probe_sdpa(device) if a.probe == "sdpa" else probe_generation(device, a.preset, a.batch, a.prompt_len,
-                                                                        a.new_tokens)
+    if a.probe == "sdpa":
+        res = probe_sdpa(device, [int(L) for L in a.lengths.split(",")])
+    else:
+        res = probe_generation(device, a.preset, a.batch, a.prompt_len, a.new_tokens)
     print(json.dumps(res), flush=True)
     fu.cleanup()
 
