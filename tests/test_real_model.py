@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -82,9 +83,11 @@ def runs(smol, tmp_path_factory):
                               "--out_dir", out["gvm_scored"]] + gvm_args)
     logs["dvpo"] = run(["dvpo.py", "--model", out["sft"], "--gvm", out["gvm"], "--prompts", prompts,
                         "--out_dir", out["dvpo"]] + PPO_STEPS)
+    shutil.rmtree(os.path.join(out["dvpo"], "checkpoint"))  # resumable state, 1.7 GB here, read by no test below
     logs["rm"] = run(["reward_model.py", "--model", out["sft"], "--data", prefs, "--out_dir", out["rm"]] + gvm_args)
     logs["ppo"] = run(["ppo_baseline.py", "--model", out["sft"], "--reward", "rm:" + out["rm"], "--prompts", prompts,
                        "--out_dir", out["ppo"]] + PPO_STEPS)
+    shutil.rmtree(os.path.join(out["ppo"], "checkpoint"))  # 3.2 GB (policy and critic with AdamW state)
     logs["explain"] = run(["gvm.py", "--explain", "--gvm", out["gvm"], "--messages", json.dumps(chat(0)),
                            "--response", "3"])
     return out, logs
