@@ -125,6 +125,8 @@ DVPO = [
            '    prompts = [p + t for t, p in zip(tau, batch["prompt_ids"])]', "τ placed after the prompt"),
     Mutant("reward-tokenizer-stops", 'batch["response"], tok, stops)', 'batch["response"], tok)',
            "per-step rewards decoded at the tokenizer's stop tokens, not the rollout's"),
+    Mutant("chance-warning-unwired", "    if warning := model.chance_warning(gcfg, cfg.gvm):",
+           '    if warning := "":', "no warning before RL on a GVM at chance"),
 ]
 
 PPO = [
@@ -175,6 +177,9 @@ GVM = [
     Mutant("heldout-in-train-tau", "    pools, held_pools = tau_pools(train, kind), tau_pools(held, kind)",
            "    pools, held_pools = tau_pools(train + held, kind), tau_pools(held, kind)",
            "held-out responses in the training τ pool"),
+    Mutant("config-pairs-from-train", '"eval/pairwise_accuracy"], "eval/pairs": len(held)})',
+           '"eval/pairwise_accuracy"], "eval/pairs": len(train)})',
+           "the GVM's config records the training pair count beside the held-out accuracy"),
 ]
 
 RM = [
@@ -193,6 +198,8 @@ MODEL = [
            "    probs = F.softmax(logits.float(), dim=-1)", "sampling ignores the temperature"),
     Mutant("chain-offset", "    return gather_response(u, prompt_len - 1, T + 1)",
            "    return gather_response(u, prompt_len, T + 1)", "value chain read one position late"),
+    Mutant("chance-never-warns", "    if acc - 0.5 >= two_se:\n", "    if True:\n",
+           "chance_warning never warns"),
 ]
 
 EVALUATION = [
@@ -248,6 +255,8 @@ GRPO = [
     Mutant("grpo-groups-interleaved", "[my_prompts[i] for i in idx for _ in range(cfg.group_size)], tok,",
            "[my_prompts[i] for _ in range(cfg.group_size) for i in idx], tok,",
            "a prompt's n responses are not consecutive rows (the groups mix prompts)"),
+    Mutant("grpo-chance-warning-unwired", "    if warning := model.chance_warning(rcfg, reward_path):",
+           '    if warning := "":', "no warning before RL on a scorer at chance"),
 ]
 
 DPO = [
